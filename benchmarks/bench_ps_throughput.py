@@ -1,0 +1,178 @@
+"""Parameter-server throughput against raw ZeroMQ, measured in the same run.
+
+One round trip = a worker sends a 16 MB float32 gradient and gets 16 MB of
+parameters back:
+
+- raw:  DEALER -> ROUTER that echoes the same frames (copy=False both ways);
+- ps:   PSClient.push_pull -> ParameterServer (validation, NaN check, SGD with
+        momentum applied in place) -> the new parameters.
+
+Servers run in their own processes (spawn), like a real deployment, so the
+worker's Python and the server's do not share a GIL. Blocks of raw and ps round
+trips alternate so machine noise hits both; the table gives medians and the
+ratio of the medians (ps throughput as a fraction of raw).
+
+    .venv/bin/python benchmarks/bench_ps_throughput.py [--mb 16] [--iters 20] [--blocks 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import statistics
+import time
+
+import numpy as np
+import zmq
+
+
+def _echo_server(queue) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.bind("tcp://127.0.0.1:0")
+    queue.put(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+    while True:
+        frames = sock.recv_multipart(copy=False)
+        if frames[1].bytes == b"stop":
+            break
+        sock.send_multipart(frames, copy=False)
+    sock.close(linger=1000)
+
+
+class _NoUpdate:
+    """An optimizer that reads nothing and changes nothing: isolates the PS machinery."""
+
+    def __init__(self, params, lr):
+        self.lr = lr
+
+    def step(self) -> None:
+        pass
+
+
+def _ps_server(queue, n: int, optimizer: str, mode: str) -> None:
+    from distnet.ps import ParameterServer
+
+    params = {"w": np.zeros(n, np.float32)}
+    server = ParameterServer(params, optimizer=_NoUpdate if optimizer == "none" else optimizer,
+                             optimizer_config={"lr": 1e-3}, mode=mode, num_workers=1)
+    queue.put(server.address)
+    server.run()
+
+
+def _start(target, *args) -> tuple[mp.Process, str]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(queue, *args), daemon=True)
+    proc.start()
+    return proc, queue.get(timeout=120)
+
+
+def _time_raw(sock: zmq.Socket, grad: np.ndarray, iters: int) -> list[float]:
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        sock.send_multipart([b"h", grad], copy=False)
+        frames = sock.recv_multipart(copy=False)
+        np.frombuffer(frames[1].buffer, np.float32)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _time_ps(client, grad: np.ndarray, iters: int, version: int) -> tuple[list[float], int]:
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        version, params = client.wait(client.push_pull({"w": grad}, version))
+        out.append(time.perf_counter() - t0)
+    return out, version
+
+
+def _time_update(n: int, optimizer: str, iters: int) -> list[float]:
+    """The server's optimizer step alone, in this process (for the decomposition)."""
+    from distnet.nn.module import Parameter
+    from distnet.optim import build_optimizer
+
+    p = Parameter(np.zeros(n, np.float32), "w")
+    p.grad = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+    opt = build_optimizer(optimizer, [("w", p)], lr=1e-3)
+    out = []
+    for _ in range(iters + 2):
+        t0 = time.perf_counter()
+        opt.step()
+        out.append(time.perf_counter() - t0)
+    return out[2:]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mb", type=float, default=16.0, help="gradient size in MB (float32)")
+    ap.add_argument("--iters", type=int, default=20, help="round trips per block")
+    ap.add_argument("--blocks", type=int, default=4, help="alternating blocks per method")
+    ap.add_argument("--optimizer", default="momentum")
+    ap.add_argument("--mode", default="sync", choices=["sync", "async"])
+    args = ap.parse_args()
+
+    from distnet.ps import PSClient
+
+    n = int(args.mb * 1e6 / 4)
+    grad = np.random.default_rng(1).standard_normal(n).astype(np.float32) * 1e-3
+    echo_proc, echo_addr = _start(_echo_server)
+    ps_proc, ps_addr = _start(_ps_server, n, args.optimizer, args.mode)
+    bare_proc, bare_addr = _start(_ps_server, n, "none", args.mode)
+    ctx = zmq.Context.instance()
+    raw = ctx.socket(zmq.DEALER)
+    raw.connect(echo_addr)
+    clients = [PSClient([addr], 0, timeout=60) for addr in (ps_addr, bare_addr)]
+    versions = []
+    for c in clients:
+        c.register()
+        versions.append(c.wait(c.pull())[0])
+
+    _time_raw(raw, grad, 3)  # warm up connections and page in buffers
+    for i, c in enumerate(clients):
+        _, versions[i] = _time_ps(c, grad, 3, versions[i])
+    raw_t, ps_t, bare_t, block_ratios = [], [], [], []
+    for _ in range(args.blocks):
+        r = _time_raw(raw, grad, args.iters)
+        p, versions[0] = _time_ps(clients[0], grad, args.iters, versions[0])
+        b, versions[1] = _time_ps(clients[1], grad, args.iters, versions[1])
+        raw_t, ps_t, bare_t = raw_t + r, ps_t + p, bare_t + b
+        block_ratios.append(statistics.median(r) / statistics.median(p))
+    upd_t = _time_update(n, args.optimizer, args.iters)
+    stats = clients[0].stats()[0]
+    for c in clients:
+        c.shutdown()
+        c.close()
+    raw.send_multipart([b"h", b"stop"])
+    raw.close(linger=1000)
+    for proc in (echo_proc, ps_proc, bare_proc):
+        proc.join(10)
+
+    nbytes = 2 * grad.nbytes  # there and back
+    rows = [("raw pyzmq echo (DEALER/ROUTER)", raw_t), (f"ps push_pull ({args.optimizer}, "
+                                                       f"{args.mode})", ps_t),
+            ("ps push_pull (no-op optimizer)", bare_t),
+            (f"{args.optimizer} step alone (4M floats)", upd_t)]
+    print(f"\n{grad.nbytes / 1e6:.1f} MB float32 each way over tcp://127.0.0.1, "
+          f"{len(raw_t)} round trips per method in {args.blocks} alternating blocks\n")
+    print(f"{'method':<40}{'median ms':>10}{'p10 ms':>9}{'p90 ms':>9}{'GB/s':>8}")
+    for name, ts in rows:
+        ts_ms = sorted(t * 1e3 for t in ts)
+        med = statistics.median(ts_ms)
+        p10, p90 = ts_ms[len(ts_ms) // 10], ts_ms[(9 * len(ts_ms)) // 10]
+        rate = f"{nbytes / (med / 1e3) / 1e9:8.2f}" if "alone" not in name else f"{'':>8}"
+        print(f"{name:<40}{med:>10.2f}{p10:>9.2f}{p90:>9.2f}{rate}")
+    ratio = statistics.median(raw_t) / statistics.median(ps_t)
+    bare = statistics.median(raw_t) / statistics.median(bare_t)
+    print(f"\nps throughput / raw throughput (ratio of medians): {ratio:.1%} (target >= 85%)")
+    print(f"median of per-block ratios (adjacent in time):     "
+          f"{statistics.median(block_ratios):.1%}")
+    print(f"without the optimizer update (PS machinery only):  {bare:.1%}")
+    print(f"server-side optimizer step, mean: "
+          f"{stats['update_seconds'] / max(1, stats['version']) * 1e3:.2f} ms")
+    print(f"server: version {stats['version']}, rejected {stats['rejected']}, "
+          f"bytes in {stats['bytes_in'] / 1e6:.0f} MB, out {stats['bytes_out'] / 1e6:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

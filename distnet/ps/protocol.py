@@ -1,0 +1,289 @@
+"""The parameter-server wire format, in one file (documented in docs/protocol.md).
+
+A message is a ZeroMQ multipart message ``[header, array_0, ..., array_{n-1}]``
+(the server's ROUTER adds the peer's routing id in front). ``header`` is a msgpack
+map; each array frame holds the raw little-endian bytes of one tensor, encoded by
+the message's ``codec``. Metadata and data travel in separate frames so arrays are
+never copied into or out of msgpack: senders pass NumPy buffers to ZeroMQ with
+``copy=False`` and receivers wrap frames with ``np.frombuffer``.
+
+Receiving is defensive: ``decode`` unpacks the header with size limits, checks
+the whole schema (op, version, field types, keys, dtypes from an allow-list,
+shapes, codec metadata, frame count, every frame's byte length) and only then
+makes arrays. Anything wrong raises ``ProtocolError`` naming the problem. There
+is no pickle here, nor anywhere in distnet.ps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from distnet.ps.codecs import Payload, codec_class
+
+PROTOCOL_VERSION = 1
+REQUEST_OPS = ("register", "push", "pull", "push_pull", "clock", "barrier", "stats", "shutdown")
+REPLY_OPS = (*REQUEST_OPS, "error")  # "error": a reply to a message whose op is unknown
+STATUSES = ("ok", "error")
+# Names on the wire -> the little-endian dtypes they denote. Nothing else is accepted.
+DTYPES: dict[str, np.dtype] = {
+    name: np.dtype(code)
+    for name, code in (("float16", "<f2"), ("float32", "<f4"), ("float64", "<f8"),
+                       ("int8", "i1"), ("uint8", "u1"), ("int32", "<i4"), ("int64", "<i8"))
+}
+_INT_MAX = 2**63 - 1
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol; the text names the problem."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds applied while decoding, before anything is allocated."""
+
+    max_header_bytes: int = 1 << 20
+    max_keys: int = 1 << 16
+    max_ndim: int = 8
+    max_elements: int = 2**31 - 1  # topk sends int32 indices
+    max_message_bytes: int = 1 << 32
+    max_str_len: int = 1 << 16
+    max_map_len: int = 1 << 12
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass
+class Entry:
+    """One tensor on the wire: its key, decoded dtype and shape, payload and codec meta."""
+
+    key: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    payload: Payload
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Message:
+    """A decoded, validated message. ``entries[i].payload`` are zero-copy frame views."""
+
+    header: dict[str, Any]
+    entries: list[Entry]
+    nbytes: int  # all frames, header included
+
+    @property
+    def op(self) -> str:
+        return self.header["op"]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """key -> array, for codec 'none' (pull replies): views of the frames, no copy."""
+        if self.header["codec"] != "none":
+            raise ProtocolError(f"arrays() needs codec 'none', not {self.header['codec']!r}")
+        return {e.key: e.payload[0].reshape(e.shape) for e in self.entries}
+
+
+# ---- encoding -------------------------------------------------------------------------
+def dense_entries(arrays: dict[str, np.ndarray]) -> list[Entry]:
+    """Entries for codec 'none': each array as it is (made C-contiguous little-endian)."""
+    out = []
+    for key, arr in arrays.items():
+        a = np.asarray(arr)
+        a = a if a.flags.c_contiguous else a.copy(order="C")  # ascontiguousarray makes 0-d 1-d
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
+        out.append(Entry(key, a.dtype, tuple(a.shape), [a.reshape(-1)]))
+    return out
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    name = np.dtype(dtype).name
+    if name not in DTYPES:
+        raise ProtocolError(f"dtype {name} cannot travel; allowed: {sorted(DTYPES)}")
+    return name
+
+
+def encode(header: dict[str, Any], entries: list[Entry] = (), codec: str = "none") -> list[Any]:
+    """Frames ``[header, array...]`` ready for ``send_multipart(copy=False)``.
+
+    header: the op fields (op, wid, seq, ver, status, ...); ``v``, ``keys``,
+    ``dtypes``, ``shapes``, ``codec`` and ``meta`` are filled in from ``entries``.
+    A single-array payload is sent as the array itself (no copy); a multi-array
+    payload (topk) is joined into one frame.
+    """
+    h = dict(header)
+    h["v"] = PROTOCOL_VERSION
+    h["keys"] = [e.key for e in entries]
+    h["dtypes"] = [dtype_name(e.dtype) for e in entries]
+    h["shapes"] = [[int(d) for d in e.shape] for e in entries]
+    h["codec"] = codec
+    h["meta"] = [e.meta for e in entries]
+    frames: list[Any] = [msgpack.packb(h, use_bin_type=True)]
+    for e in entries:
+        if len(e.payload) == 1:
+            frames.append(np.ascontiguousarray(e.payload[0]))
+        else:
+            frames.append(b"".join(np.ascontiguousarray(p).data for p in e.payload))
+    return frames
+
+
+# ---- decoding -------------------------------------------------------------------------
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _need_int(h: dict, name: str, *, optional: bool = False) -> None:
+    x = h.get(name)
+    if x is None and optional:
+        return
+    if not _is_int(x) or not 0 <= x <= _INT_MAX:
+        raise ProtocolError(f"field {name!r} must be a non-negative integer, got {x!r:.60}")
+
+
+def _need_list(h: dict, name: str, n: int | None = None) -> list:
+    x = h.get(name)
+    if not isinstance(x, list):
+        raise ProtocolError(f"field {name!r} must be a list, got {type(x).__name__}")
+    if n is not None and len(x) != n:
+        raise ProtocolError(f"field {name!r} has {len(x)} items, 'keys' has {n}")
+    return x
+
+
+def _frame_view(frame: Any) -> memoryview:
+    buf = getattr(frame, "buffer", None)  # zmq.Frame: its memory, not a copy
+    view = buf if buf is not None else memoryview(frame)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def validate_header(h: Any, frame_sizes: list[int], *, reply: bool = False,
+                    limits: Limits = DEFAULT_LIMITS) -> list[tuple[np.dtype, tuple, list]]:
+    """Check a decoded header against the schema and the frames that came with it.
+
+    Returns per key ``(dtype, shape, payload layout)``. Raises ProtocolError.
+    """
+    if not isinstance(h, dict):
+        raise ProtocolError(f"header must be a map, got {type(h).__name__}")
+    op = h.get("op")
+    ops = REPLY_OPS if reply else REQUEST_OPS
+    if op not in ops:
+        raise ProtocolError(f"unknown op {op!r:.40}; known: {list(ops)}")
+    if h.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {h.get('v')!r:.20} not spoken here "
+                            f"(this side speaks {PROTOCOL_VERSION})")
+    for name in ("wid", "seq", "ver"):
+        _need_int(h, name)
+    if reply:
+        if h.get("status") not in STATUSES:
+            raise ProtocolError(f"reply status must be one of {STATUSES}, "
+                                f"got {h.get('status')!r:.40}")
+        if not isinstance(h.get("message", ""), str):
+            raise ProtocolError("reply 'message' must be a string")
+    if op == "pull":
+        _need_int(h, "since", optional=True)
+    keys = _need_list(h, "keys")
+    n = len(keys)
+    if n > limits.max_keys:
+        raise ProtocolError(f"{n} keys, limit {limits.max_keys}")
+    if not all(isinstance(k, str) and k for k in keys):
+        raise ProtocolError("keys must be non-empty strings")
+    if len(set(keys)) != n:
+        raise ProtocolError("keys repeat")
+    dtypes, shapes, meta = (_need_list(h, f, n) for f in ("dtypes", "shapes", "meta"))
+    codec_name = h.get("codec")
+    if not isinstance(codec_name, str):
+        raise ProtocolError("field 'codec' must be a string")
+    try:
+        codec = codec_class(codec_name)
+    except KeyError as exc:
+        raise ProtocolError(str(exc.args[0])) from None
+    if len(frame_sizes) != n:
+        raise ProtocolError(f"{len(frame_sizes)} array frames for {n} keys")
+    out, total = [], 0
+    for i, key in enumerate(keys):
+        if dtypes[i] not in DTYPES:
+            raise ProtocolError(f"key {key!r}: dtype {dtypes[i]!r:.30} not allowed; "
+                                f"allowed: {sorted(DTYPES)}")
+        dtype, shape = DTYPES[dtypes[i]], shapes[i]
+        if (not isinstance(shape, list) or len(shape) > limits.max_ndim
+                or not all(_is_int(d) and 0 <= d <= limits.max_elements for d in shape)):
+            raise ProtocolError(f"key {key!r}: shape {shape!r:.60} is not a list of at most "
+                                f"{limits.max_ndim} non-negative integers")
+        if math.prod(shape) > limits.max_elements:
+            raise ProtocolError(f"key {key!r}: {math.prod(shape)} elements, limit "
+                                f"{limits.max_elements}")
+        if not isinstance(meta[i], dict):
+            raise ProtocolError(f"key {key!r}: codec meta must be a map")
+        try:
+            layout = codec.layout(meta[i], tuple(shape), dtype)
+        except ValueError as exc:
+            raise ProtocolError(f"key {key!r}: {exc}") from None
+        expected = sum(count * dt.itemsize for dt, count in layout)
+        if frame_sizes[i] != expected:
+            parts = " + ".join(f"{count} x {dt.name}" for dt, count in layout)
+            raise ProtocolError(f"key {key!r}: frame has {frame_sizes[i]} bytes, expected "
+                                f"{expected} = {parts} for codec {codec_name!r}")
+        total += expected
+        out.append((dtype, tuple(shape), layout))
+    if total > limits.max_message_bytes:
+        raise ProtocolError(f"message of {total} bytes, limit {limits.max_message_bytes}")
+    return out
+
+
+def unpack_header(raw: bytes | memoryview, limits: Limits = DEFAULT_LIMITS) -> Any:
+    """msgpack -> Python, with every size bounded and no extension types."""
+    if len(raw) > limits.max_header_bytes:
+        raise ProtocolError(f"header of {len(raw)} bytes, limit {limits.max_header_bytes}")
+    try:
+        return msgpack.unpackb(
+            raw, raw=False, strict_map_key=True, use_list=True,
+            max_str_len=limits.max_str_len, max_bin_len=limits.max_str_len,
+            max_array_len=limits.max_keys, max_map_len=limits.max_map_len, max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises ValueError, ExtraData, FormatError, StackError...
+        raise ProtocolError(f"header is not valid msgpack: {type(exc).__name__}: {exc}"[:200]) \
+            from None
+
+
+def decode(frames: list[Any], *, reply: bool = False,
+           limits: Limits = DEFAULT_LIMITS) -> Message:
+    """Validate and decode ``[header, array...]`` (zmq.Frame or bytes-like items).
+
+    Arrays are zero-copy views of the frames (``np.frombuffer``), made only after
+    the header and all frame sizes have been checked.
+    """
+    if not frames:
+        raise ProtocolError("empty message")
+    views = [_frame_view(f) for f in frames]
+    header = unpack_header(views[0], limits)
+    specs = validate_header(header, [v.nbytes for v in views[1:]], reply=reply, limits=limits)
+    entries = []
+    for key, view, (dtype, shape, layout), meta in zip(
+            header["keys"], views[1:], specs, header["meta"], strict=True):
+        payload, offset = [], 0
+        for dt, count in layout:
+            payload.append(np.frombuffer(view, dtype=dt, count=count, offset=offset))
+            offset += count * dt.itemsize
+        entries.append(Entry(key, dtype, shape, payload, meta))
+    return Message(header, entries, sum(v.nbytes for v in views))
+
+
+def peek_fields(frames: list[Any]) -> dict[str, Any]:
+    """Best-effort op/wid/seq of a message that failed to decode, to address the error reply."""
+    try:
+        h = unpack_header(_frame_view(frames[0]))
+    except (ProtocolError, IndexError, TypeError):
+        return {}
+    if not isinstance(h, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for k in ("wid", "seq"):
+        if _is_int(h.get(k)) and 0 <= h[k] <= _INT_MAX:
+            out[k] = h[k]
+    if h.get("op") in REQUEST_OPS:
+        out["op"] = h["op"]
+    return out

@@ -1,0 +1,194 @@
+"""What one server shard holds: parameters, their optimizer and the update rule.
+
+The server wraps each array in a ``Parameter`` and runs any distnet optimizer
+over them. A gradient is never copied on its way in when it can be avoided:
+``decode`` returns views of the received frames (codec ``none``) which become
+``p.grad`` directly (optimizers only read ``.grad``); other codecs decode into one
+scratch buffer per key. Everything is checked (keys, shapes, dtypes, codec
+payload, finiteness) before anything changes, so a rejected push leaves the state
+exactly as it was.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from distnet.nn.module import Parameter
+from distnet.ps.codecs import Codec, codec_class
+from distnet.ps.protocol import DTYPES, Message, ProtocolError
+
+OptimizerSpec = str | Callable[..., Any]
+
+
+def all_finite(g: np.ndarray) -> bool:
+    """True when no entry is NaN or inf.
+
+    A dot product is one BLAS pass that propagates NaN/inf (about 3x faster than
+    ``isfinite().all()`` on 4M floats); only an inf from overflowing the sum of
+    squares of huge finite values falls back to the exact test.
+    """
+    flat = g.reshape(-1)
+    if g.dtype in (np.float32, np.float64) and math.isfinite(float(np.dot(flat, flat))):
+        return True
+    return bool(np.isfinite(g).all())
+
+
+def build_server_optimizer(optimizer: OptimizerSpec, params: list[tuple[str, Parameter]],
+                           config: dict[str, Any]) -> Any:
+    """``optimizer`` is a distnet optimizer name, or a factory ``f(params, **config)``."""
+    if callable(optimizer):
+        return optimizer(params, **config)
+    from distnet.optim import build_optimizer  # noqa: PLC0415 - optim imports nn; keep ps light
+
+    return build_optimizer(optimizer, params, **config)
+
+
+def build_server_schedule(schedule: dict[str, Any] | Callable[[int], float] | None,
+                          base_lr: float) -> Callable[[int], float] | None:
+    """None, a callable ``step -> lr``, or ``{"name": ..., "total_steps": ..., **kw}``."""
+    if schedule is None or callable(schedule):
+        return schedule
+    from distnet.optim import build_schedule  # noqa: PLC0415
+
+    spec = dict(schedule)
+    name = spec.pop("name", "constant")
+    total = spec.pop("total_steps")
+    return build_schedule(name, spec.pop("base_lr", base_lr), total, **spec)
+
+
+class ServerState:
+    """Parameters (copied, C-contiguous, owned by the server), optimizer and version.
+
+    version: the number of updates applied so far; the schedule is evaluated at it.
+    """
+
+    def __init__(self, params: dict[str, np.ndarray], *, optimizer: OptimizerSpec = "sgd",
+                 optimizer_config: dict[str, Any] | None = None,
+                 schedule: dict[str, Any] | Callable[[int], float] | None = None,
+                 check_finite: bool = True) -> None:
+        self.arrays: dict[str, np.ndarray] = {}
+        for key, value in params.items():
+            arr = np.array(value, copy=True, order="C")
+            if arr.dtype.name not in DTYPES or arr.dtype.kind != "f":
+                raise ValueError(f"parameter {key!r}: dtype {arr.dtype} is not a float type "
+                                 f"that can travel ({sorted(DTYPES)})")
+            self.arrays[key] = arr
+        self.params = {k: Parameter(a, k) for k, a in self.arrays.items()}
+        config = dict(optimizer_config or {})
+        # a shard can be empty (more servers than tensors): it keeps versions, no optimizer
+        self.optimizer = (build_server_optimizer(optimizer, list(self.params.items()), config)
+                          if self.params else None)
+        self.base_lr = float(self.optimizer.lr if self.optimizer else config.get("lr", 0.0))
+        self.schedule = build_server_schedule(schedule, self.base_lr)
+        self.check_finite = check_finite
+        self.version = 0
+        self.update_seconds = 0.0  # time spent in optimizer steps (for stats)
+        self._decoders: dict[str, Codec] = {}
+        self._scratch: dict[str, np.ndarray] = {}
+        # sync accumulation: the first gradient of a round is held by reference and only
+        # summed when a second arrives, so one worker costs no copy at all
+        self._acc: dict[str, np.ndarray] = {}
+        self._first: dict[str, np.ndarray] | None = None
+        self.accumulated = 0
+
+    def layout(self) -> dict[str, Any]:
+        return {"keys": list(self.arrays),
+                "shapes": [list(a.shape) for a in self.arrays.values()],
+                "dtypes": [a.dtype.name for a in self.arrays.values()]}
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+    def current_lr(self, version: int | None = None) -> float:
+        v = self.version if version is None else version
+        return float(self.schedule(v)) if self.schedule is not None else self.base_lr
+
+    # ---- receiving gradients ----------------------------------------------------------
+    def decode(self, msg: Message) -> tuple[dict[str, np.ndarray], bool]:
+        """Checked gradients key -> array, and whether they are views of the message
+        (True) or live in the shared scratch buffers (False). Raises ProtocolError."""
+        keys = [e.key for e in msg.entries]
+        if set(keys) != set(self.arrays):
+            unknown = sorted(set(keys) - set(self.arrays))
+            missing = sorted(set(self.arrays) - set(keys))
+            raise ProtocolError(f"gradient keys do not match this server: unknown {unknown[:5]}, "
+                                f"missing {missing[:5]}")
+        name = msg.header["codec"]
+        decoder = self._decoders.get(name)
+        if decoder is None:
+            decoder = self._decoders[name] = codec_class(name)()
+        views = name == "none"
+        grads: dict[str, np.ndarray] = {}
+        for e in msg.entries:
+            target = self.arrays[e.key]
+            if e.dtype != target.dtype or e.shape != target.shape:
+                raise ProtocolError(f"gradient {e.key!r} is {e.shape} {e.dtype.name}, the "
+                                    f"parameter is {target.shape} {target.dtype.name}")
+            out = None if views else self._scratch_for(e.key)
+            try:
+                g = decoder.decompress(e.payload, e.meta, e.shape, e.dtype, out)
+            except ValueError as exc:
+                raise ProtocolError(f"gradient {e.key!r}: {exc}") from None
+            if self.check_finite and not all_finite(g):
+                raise ProtocolError(f"gradient {e.key!r} has NaN or inf entries")
+            grads[e.key] = g
+        return grads, views
+
+    def _scratch_for(self, key: str) -> np.ndarray:
+        buf = self._scratch.get(key)
+        if buf is None:
+            buf = self._scratch[key] = np.empty_like(self.arrays[key])
+        return buf
+
+    # ---- updating ---------------------------------------------------------------------
+    def apply(self, grads: dict[str, np.ndarray], lr_scale: float = 1.0) -> None:
+        """One optimizer step from ``grads`` (aliased as ``p.grad``, not copied)."""
+        t0 = time.perf_counter()
+        if self.optimizer is not None:
+            self.optimizer.lr = self.current_lr() * lr_scale
+            for key, g in grads.items():
+                self.params[key].grad = g
+            self.optimizer.step()
+        self.version += 1
+        self.update_seconds += time.perf_counter() - t0
+
+    def accumulate(self, grads: dict[str, np.ndarray], views: bool) -> None:
+        """Add one worker's gradient to the round's sum (sync mode)."""
+        if self.accumulated == 0 and views:
+            self._first = grads  # frames nobody else uses: keep them, copy nothing yet
+        elif self.accumulated == 0:
+            for key, g in grads.items():
+                np.copyto(self._acc_for(key), g)
+        elif self._first is not None:
+            for key, g in grads.items():
+                np.add(self._first[key], g, out=self._acc_for(key))
+            self._first = None
+        else:
+            for key, g in grads.items():
+                self._acc[key] += g
+        self.accumulated += 1
+
+    def _acc_for(self, key: str) -> np.ndarray:
+        buf = self._acc.get(key)
+        if buf is None:
+            buf = self._acc[key] = np.empty_like(self.arrays[key])
+        return buf
+
+    def apply_accumulated(self) -> int:
+        """Apply the mean of the round's gradients (summed in place, divided once);
+        returns how many gradients it averaged."""
+        n = self.accumulated
+        if n == 0:
+            raise RuntimeError("no gradient accumulated")
+        grads = self._first if self._first is not None else self._acc
+        if n > 1:
+            for g in grads.values():
+                g *= 1.0 / n
+        self.apply(grads)
+        self._first, self.accumulated = None, 0
+        return n

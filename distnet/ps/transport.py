@@ -1,0 +1,141 @@
+"""ZeroMQ sockets for the parameter server: the thin "Van" layer of ps-lite.
+
+Every socket is made by ``make_socket``, the one place that sets options and will
+apply security (CURVE keys) when a ``security`` config is given, so
+authentication is added here and nowhere else. The server binds a ROUTER
+(``bind_router``), each client connects one DEALER per server
+(``connect_dealer``). Sends pass NumPy buffers with ``copy=False``; receives return
+``zmq.Frame`` objects whose memory NumPy can wrap without a copy.
+
+Timeouts are poll based (``recv_frames(sock, timeout_s)``) so callers never block
+for ever; SNDTIMEO bounds a send into a full pipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+
+class TransportError(RuntimeError):
+    """A socket could not be created, bound, connected or used."""
+
+
+@dataclass(frozen=True)
+class SocketOptions:
+    """Options applied to every socket (milliseconds, bytes; -1 = no limit).
+
+    max_message_bytes: ZMQ_MAXMSGSIZE, the largest inbound frame; a peer that
+    sends more is disconnected by ZeroMQ before any of it reaches Python.
+    heartbeat_*: ZMTP heartbeats (ZMQ_HEARTBEAT_IVL/TIMEOUT/TTL) so a dead peer's
+    connection is noticed and closed; 0 turns them off.
+    """
+
+    linger_ms: int = 1000
+    send_timeout_ms: int = 10_000
+    max_message_bytes: int = 1 << 32
+    send_hwm: int = 1000
+    recv_hwm: int = 1000
+    heartbeat_ivl_ms: int = 2000
+    heartbeat_timeout_ms: int = 20_000
+    heartbeat_ttl_ms: int = 20_000
+
+
+DEFAULT_OPTIONS = SocketOptions()
+
+
+def _apply_security(sock: zmq.Socket, security: Any, *, server: bool) -> None:
+    """Hook for CURVE authentication: the single place it will be configured."""
+    if security is None:
+        return
+    raise NotImplementedError(
+        "socket security (CURVE) is not implemented yet; pass security=None")
+
+
+def make_socket(kind: int, *, options: SocketOptions = DEFAULT_OPTIONS, security: Any = None,
+                context: zmq.Context | None = None) -> zmq.Socket:
+    """A configured socket of ``kind`` (zmq.ROUTER, zmq.DEALER, ...)."""
+    ctx = context or zmq.Context.instance()
+    sock = ctx.socket(kind)
+    try:
+        sock.setsockopt(zmq.LINGER, options.linger_ms)
+        sock.setsockopt(zmq.SNDTIMEO, options.send_timeout_ms)
+        sock.setsockopt(zmq.MAXMSGSIZE, options.max_message_bytes)
+        sock.setsockopt(zmq.SNDHWM, options.send_hwm)
+        sock.setsockopt(zmq.RCVHWM, options.recv_hwm)
+        if options.heartbeat_ivl_ms > 0:
+            sock.setsockopt(zmq.HEARTBEAT_IVL, options.heartbeat_ivl_ms)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, options.heartbeat_timeout_ms)
+            sock.setsockopt(zmq.HEARTBEAT_TTL, options.heartbeat_ttl_ms)
+        if kind == zmq.ROUTER:
+            # a reply to a peer that has gone raises EHOSTUNREACH instead of vanishing
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        _apply_security(sock, security, server=kind == zmq.ROUTER)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    return sock
+
+
+def bind_router(address: str = "tcp://127.0.0.1:0", *, options: SocketOptions = DEFAULT_OPTIONS,
+                security: Any = None, context: zmq.Context | None = None,
+                ) -> tuple[zmq.Socket, str]:
+    """A ROUTER bound to ``address``; returns it and the endpoint actually bound.
+
+    ``tcp://HOST:0`` picks a free port and the returned endpoint names it;
+    ``tcp://*:PORT`` binds every interface (reported as ``tcp://0.0.0.0:PORT``).
+    """
+    sock = make_socket(zmq.ROUTER, options=options, security=security, context=context)
+    try:
+        sock.bind(address)
+    except zmq.ZMQError as exc:
+        sock.close(linger=0)
+        raise TransportError(f"cannot bind {address}: {exc}") from None
+    return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def connect_dealer(address: str, *, options: SocketOptions = DEFAULT_OPTIONS,
+                   security: Any = None, context: zmq.Context | None = None) -> zmq.Socket:
+    """A DEALER connected to ``address`` (the connection completes in the background)."""
+    sock = make_socket(zmq.DEALER, options=options, security=security, context=context)
+    try:
+        sock.connect(address)
+    except zmq.ZMQError as exc:
+        sock.close(linger=0)
+        raise TransportError(f"cannot connect to {address}: {exc}") from None
+    return sock
+
+
+def send_frames(sock: zmq.Socket, frames: list[Any], *, track: bool = False,
+                ) -> zmq.MessageTracker | None:
+    """Send a multipart message without copying its arrays.
+
+    With ``track`` the returned tracker says when ZeroMQ has let go of *every*
+    buffer, i.e. when they may be modified again (pyzmq's own send_multipart
+    returns the tracker of the last frame only).
+    """
+    trackers = []
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        t = sock.send(frame, zmq.SNDMORE if i < last else 0, copy=False, track=track)
+        if track and t is not None:
+            trackers.append(t)
+    return zmq.MessageTracker(*trackers) if track else None
+
+
+def recv_frames(sock: zmq.Socket, timeout_s: float | None) -> list[zmq.Frame] | None:
+    """The next multipart message (zero-copy frames), or None after ``timeout_s``."""
+    timeout_ms = None if timeout_s is None else max(0, int(timeout_s * 1000))
+    if not sock.poll(timeout_ms, zmq.POLLIN):
+        return None
+    return sock.recv_multipart(copy=False)
+
+
+def frames_nbytes(frames: list[Any]) -> int:
+    """Total bytes of a list of frames (zmq.Frame, bytes or arrays)."""
+    total = 0
+    for f in frames:
+        total += f.nbytes if hasattr(f, "nbytes") else len(f)
+    return total
