@@ -1,0 +1,100 @@
+"""The server role: one parameter-server shard built from the job's settings.
+
+The initial parameters come from the same seeded model every worker builds, so
+servers and workers agree without sending the model around. Only Parameters go
+to the servers; buffers (``Normalize``'s mean and std, batch-norm statistics) are
+set identically on every worker and never travel. The parameters are split with
+``plan_shards`` over ``K`` servers; shard ``i`` keeps piece ``i``.
+
+The optimizer runs on the servers, so its learning-rate schedule is evaluated at
+the server's *version* (updates applied so far). In sync mode that is the global
+step. In async and SSP modes every push is an update, so the schedule's length
+and warm-up are stretched to ``workers / push_every`` updates per global step.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
+
+import numpy as np
+
+from distnet import backend
+
+
+def initial_parameters(config: dict[str, Any]) -> tuple[dict[str, np.ndarray], int]:
+    """name -> float32 array of the seeded model's Parameters (model order), and the
+    number of training examples (for the schedule's length)."""
+    from distnet.data import load_data
+    from distnet.setup import build_model_for
+
+    train, _, info = load_data(config["data"], val_size=config["val_size"], seed=config["seed"])
+    model = build_model_for(config, info)
+    params = {name: np.ascontiguousarray(backend.to_host(p.data))
+              for name, p in model.named_parameters()}
+    return params, len(train)
+
+
+class UpdateSchedule:
+    """The run's schedule (``setup.build_schedule_for``: the same one a local run uses) as
+    a function of the server version, which counts ``updates_per_step`` per global step."""
+
+    def __init__(self, config: dict[str, Any], n_train: int) -> None:
+        from distnet.setup import build_schedule_for
+
+        self.base = build_schedule_for(config, n_train)
+        self.updates_per_step = 1.0
+        if config["mode"] == "async":
+            self.updates_per_step = int(config["workers"]) / int(config["push_every"])
+        elif config["mode"] == "ssp":
+            self.updates_per_step = float(config["workers"])
+
+    def __call__(self, version: int) -> float:
+        if self.updates_per_step == 1.0:
+            return self.base(version)
+        return self.base(int(version / self.updates_per_step))
+
+
+def create_server(config: dict[str, Any], *, server_id: int, num_shards: int,
+                  host: str = "127.0.0.1", bind: str | None = None) -> Any:
+    """Shard ``server_id`` of ``num_shards``, bound (port chosen by the OS unless ``bind``
+    names one) and ready to ``run()``; its ``address`` is what workers connect to."""
+    from distnet.ps import ParameterServer, plan_shards, split
+    from distnet.setup import optimizer_config
+
+    if not 0 <= server_id < num_shards:
+        raise ValueError(f"server id {server_id} is not in 0..{num_shards - 1}")
+    params, n_train = initial_parameters(config)
+    plan = plan_shards({name: a.shape for name, a in params.items()}, num_shards)
+    shard = split(params, plan)[server_id]
+    return ParameterServer(
+        shard, optimizer=config["optimizer"], optimizer_config=optimizer_config(config),
+        schedule=UpdateSchedule(config, n_train), mode=config["mode"],
+        num_workers=int(config["workers"]), staleness=int(config["staleness"]),
+        lr_staleness_scaling=bool(config.get("staleness_lr")),
+        bind=bind or f"tcp://{host}:0", server_id=server_id, timeout=float(config["timeout"]))
+
+
+def serve(server: Any, config: dict[str, Any], rank: int) -> dict[str, Any]:
+    """Run ``server`` until a worker asks it to shut down (or SIGTERM/SIGINT stop it);
+    writes its final counters to this rank's metrics file and returns them."""
+    from distnet.dist.worker import rank_metrics_path
+    from distnet.metrics import MetricsWriter
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        # a terminated server closes its socket cleanly instead of dying mid-reply
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda *_: server.stop())
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    stats = server.stats()
+    with MetricsWriter(rank_metrics_path(config, rank), rank=rank, mode=config["mode"],
+                       role="server") as writer:
+        writer.write(kind="server", **{k: v for k, v in stats.items() if k != "requests"},
+                     requests=stats.get("requests", {}))
+    return stats
