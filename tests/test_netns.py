@@ -83,10 +83,16 @@ def start_in(prefix: str, host: str, args: list[str], env: dict[str, str] | None
 
 def test_server_and_two_workers_across_namespaces(cluster, tmp_path):
     prefix = cluster
+    keys = tmp_path / "keys"
+    from distnet.cli.main import main
+
+    # Off loopback the server only accepts listed CURVE keys: the real multi-host setup.
+    assert main(["keygen", "--dir", str(keys), "--clients", "2"]) == 0
     procs: list[subprocess.Popen] = []
     try:
         server = start_in(prefix, "server", ["serve", "--bind", "tcp://10.77.0.1:0", "--mode",
-                                             "sync", "--workers", "2", *JOB])
+                                             "sync", "--workers", "2", "--keys", str(keys),
+                                             *JOB])
         procs.append(server)
         ready, _, _ = select.select([server.stdout], [], [], 60)
         assert ready, "the server printed nothing within 60 s"
@@ -96,7 +102,8 @@ def test_server_and_two_workers_across_namespaces(cluster, tmp_path):
         for rank, host in enumerate(("w1", "w2")):
             procs.append(start_in(prefix, host, [
                 "train", "--mode", "sync", "--workers", "2", "--server", address, *JOB,
-                "--run-dir", str(tmp_path), "--no-progress"], env={"DISTNET_RANK": str(rank)}))
+                "--keys", str(keys), "--run-dir", str(tmp_path), "--no-progress"],
+                env={"DISTNET_RANK": str(rank)}))
         for p in procs[1:]:
             out, err = p.communicate(timeout=180)
             assert p.returncode == 0, f"worker failed:\n{err[-3000:]}"

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from distnet.cli.options import add_reliability_options
+
 EXAMPLES = """\
   distnet serve --bind tcp://127.0.0.1:5555 --mode sync --workers 2
   distnet train --mode sync --workers 2 --server tcp://127.0.0.1:5555
@@ -58,6 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="gradient-norm clip (of this shard's part of the gradient)")
     g.add_argument("--augment", default=None,
                    help="ignored: accepted so the workers' options can be passed as they are")
+    add_reliability_options(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,4 +82,7 @@ def run(args: argparse.Namespace) -> int:
     stats = serve(server, config, f"server{config['server_id']}")
     print(f"distnet serve: stopped at version {stats['version']} after "
           f"{stats['pushes_applied']} gradients", file=sys.stderr, flush=True)
+    if getattr(server, "abort_reason", None):
+        print(f"distnet serve: job aborted: {server.abort_reason}", file=sys.stderr, flush=True)
+        return 1
     return 0

@@ -12,6 +12,8 @@ import argparse
 import json
 from typing import Any
 
+from distnet.cli.options import add_reliability_options
+
 EXAMPLES = """\
   distnet train                                   # lenet300 on the built-in digits
   distnet train --model lenet300 --data mnist:../shared/data/mnist --out lenet300.npz
@@ -68,6 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=float, default=120.0,
                    help="seconds any wait on a peer may take before it is an error")
     g.add_argument("--hostfile", default=None, help="mpirun hostfile (host slots=N)")
+    add_reliability_options(p)
 
 
 def resolve(args: argparse.Namespace) -> dict[str, Any]:

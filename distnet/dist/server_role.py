@@ -60,6 +60,7 @@ def create_server(config: dict[str, Any], *, server_id: int, num_shards: int,
                   host: str = "127.0.0.1", bind: str | None = None) -> Any:
     """Shard ``server_id`` of ``num_shards``, bound (port chosen by the OS unless ``bind``
     names one) and ready to ``run()``; its ``address`` is what workers connect to."""
+    from distnet.cli.options import server_kwargs
     from distnet.ps import ParameterServer, plan_shards, split
     from distnet.setup import optimizer_config
 
@@ -73,7 +74,8 @@ def create_server(config: dict[str, Any], *, server_id: int, num_shards: int,
         schedule=UpdateSchedule(config, n_train), mode=config["mode"],
         num_workers=int(config["workers"]), staleness=int(config["staleness"]),
         lr_staleness_scaling=bool(config.get("staleness_lr")),
-        bind=bind or f"tcp://{host}:0", server_id=server_id, timeout=float(config["timeout"]))
+        bind=bind or f"tcp://{host}:0", server_id=server_id, timeout=float(config["timeout"]),
+        **server_kwargs(config))
 
 
 def serve(server: Any, config: dict[str, Any], rank: int) -> dict[str, Any]:

@@ -155,6 +155,7 @@ def run_worker(config: dict[str, Any], addresses: list[str], *, worker_id: int,
     Returns the result on the chief (worker 0), which pulls the final parameters,
     evaluates, saves the checkpoint and shuts the servers down; None elsewhere.
     """
+    from distnet.cli.options import client_kwargs
     from distnet.dist.updates import UPDATES
     from distnet.ps import PSClient
 
@@ -163,7 +164,7 @@ def run_worker(config: dict[str, Any], addresses: list[str], *, worker_id: int,
     model = setup.build()
     name, codec_config = parse_codec(config.get("codec"))
     client = PSClient(addresses, worker_id, codec=name, codec_config=codec_config,
-                      timeout=client_timeout(config))
+                      timeout=client_timeout(config), **client_kwargs(config))
     try:
         layout = client.register()
         if sorted(layout.names) != sorted(n for n, _ in model.named_parameters()):

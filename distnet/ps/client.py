@@ -1,6 +1,7 @@
 """The worker's side: push gradients and pull parameters with tickets (ps-lite style).
 
-    client = PSClient(["tcp://10.0.0.1:5555", "tcp://10.0.0.2:5555"], worker_id=rank)
+    client = PSClient(["tcp://10.0.0.1:5555", "tcp://10.0.0.2:5555"], worker_id=rank,
+                      security="cluster/keys")
     layout = client.register()
     version, params = client.wait(client.pull())
     for batch in data:
@@ -10,80 +11,73 @@
 
 ``push``/``pull``/``push_pull``/``clock``/``barrier`` send their requests to every
 shard at once and return a ``Ticket`` without waiting, so the transfer overlaps
-whatever the worker does next. There is no background thread: ZeroMQ's own I/O
-thread moves the bytes while Python computes, and replies queue in the sockets
-until ``wait`` polls them and matches each to its ticket by sequence number. (A
-Python I/O thread would only add GIL hand-offs, and pyzmq sockets must not be
-shared between threads.) One client belongs to one thread.
+whatever the worker does next. ZeroMQ's own I/O thread moves the bytes while
+Python computes; ``wait`` polls the replies and matches them to tickets by sequence
+number. One client belongs to one thread (pyzmq sockets must not be shared); its
+only helper thread sends heartbeats on sockets of its own (``links.Heartbeat``).
+
+Reliability: a server that goes away (a crash, a restart from a checkpoint) is
+reconnected to by ZeroMQ with exponential backoff; ``wait`` then resends what that
+server had not answered, with the same sequence number, so the server applies a
+gradient at most once. Without any sign of life a request is also resent after
+``retry_interval`` seconds, doubling up to ``retry_max_interval``. A server that
+no longer knows this worker (``code: unregistered``) is registered with again and
+the request resent. After ``timeout`` seconds ``wait`` raises PSTimeoutError naming
+the op, the silent servers and the state of their connections.
 
 Arrays passed to ``push``/``push_pull`` are sent without a copy: do not modify them
-until ``wait`` on that ticket returns (the server has received them by then).
-Pulled arrays are zero-copy views of the received frames unless ``out=`` names
-arrays (e.g. the model's parameters) to copy into.
+until ``wait`` on that ticket returns (they may be sent again until then). Pulled
+arrays are zero-copy views of the received frames unless ``out=`` names arrays
+(e.g. the model's parameters) to copy into.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 import zmq
 
 from distnet import backend
+from distnet.ps.auth import ClientKeys, client_keys
 from distnet.ps.codecs import build_codec
-from distnet.ps.protocol import (
-    DEFAULT_LIMITS,
-    DTYPES,
-    Entry,
-    Limits,
-    Message,
-    ProtocolError,
-    decode,
-    encode,
-)
-from distnet.ps.sharding import ShardPlan, gather, key_name, plan_from_layouts, split
-from distnet.ps.transport import DEFAULT_OPTIONS, SocketOptions, connect_dealer, frames_nbytes
+from distnet.ps.layout import Layout, PSError, gather_replies, int_keys, layout_from, raise_errors
+from distnet.ps.links import Heartbeat, ServerLinks
+from distnet.ps.protocol import DEFAULT_LIMITS, Entry, Limits, Message, ProtocolError, decode
+from distnet.ps.protocol import encode as encode_message
+from distnet.ps.sharding import split
+from distnet.ps.transport import DEFAULT_OPTIONS, SocketOptions, frames_nbytes
 
+__all__ = ["Layout", "PSClient", "PSError", "PSTimeoutError", "Ticket"]
 _DENSE = build_codec("none")
-
-
-class PSError(RuntimeError):
-    """A server answered a request with an error (the text is the server's)."""
 
 
 class PSTimeoutError(TimeoutError):
     """No reply within the timeout; the text says what was awaited, from whom."""
 
 
-@dataclass(frozen=True)
-class Layout:
-    """What the servers hold, as ``register`` reports it.
-
-    names: parameter names in order; shapes/dtypes: name -> full shape/dtype;
-    version: the (lowest) server version; plan: which server holds which rows.
-    """
-
-    names: list[str]
-    shapes: dict[str, tuple[int, ...]]
-    dtypes: dict[str, np.dtype]
-    version: int
-    plan: ShardPlan
-    mode: str
-    num_workers: int
-    staleness: int
-
-
 @dataclass
 class Ticket:
-    """An outstanding request: its op, sequence number and the replies so far."""
+    """An outstanding request: its op, sequence number and the replies so far.
+
+    frames/seqs/sent_gen: per server, what was sent (kept for resends), under which
+    sequence number (a new one after registering again) and on which connection.
+    """
 
     op: str
     seq: int
     servers: tuple[int, ...]
     replies: dict[int, Message]
     out: dict[str, np.ndarray] | None = None
+    frames: dict[int, list[Any]] = field(default_factory=dict)
+    seqs: dict[int, int] = field(default_factory=dict)
+    sent_gen: dict[int, int] = field(default_factory=dict)
+    resends: int = 0
+    reregistered: bool = False
 
 
 class PSClient:
@@ -91,13 +85,20 @@ class PSClient:
 
     codec/codec_config: gradient compression (``codecs.CODECS``); int8 is seeded
     with the worker id unless ``codec_config`` gives a seed. timeout: default
-    seconds ``wait`` allows.
+    seconds ``wait`` allows. security: ClientKeys, or a keys directory holding
+    ``server.key`` and ``clients/<key_name>.key_secret`` (default name
+    ``worker<id>``). heartbeat_interval: seconds between pings once registered
+    (None: no heartbeat thread). retry_interval / retry_max_interval: resend
+    backoff when a server is silent.
     """
 
     def __init__(self, addresses: list[str], worker_id: int, *, codec: str = "none",
                  codec_config: dict[str, Any] | None = None, timeout: float = 60.0,
-                 socket_options: SocketOptions = DEFAULT_OPTIONS, security: Any = None,
-                 limits: Limits = DEFAULT_LIMITS) -> None:
+                 socket_options: SocketOptions = DEFAULT_OPTIONS,
+                 security: ClientKeys | str | Path | None = None,
+                 limits: Limits = DEFAULT_LIMITS, key_name: str | None = None,
+                 heartbeat_interval: float | None = 1.0, retry_interval: float = 5.0,
+                 retry_max_interval: float = 30.0) -> None:
         if not addresses:
             raise ValueError("PSClient needs at least one server address")
         config = dict(codec_config or {})
@@ -108,19 +109,24 @@ class PSClient:
         self.limits = limits
         self.layout: Layout | None = None
         self.bytes_sent = self.bytes_received = self.unmatched_replies = 0
+        self.resends = self.reregistrations = 0
+        self.retry_interval, self.retry_max_interval = retry_interval, retry_max_interval
+        self.heartbeat_interval = heartbeat_interval
+        self._options, self._security = socket_options, client_keys(security, worker_id, key_name)
         self._seq = 0
         self._open: dict[int, Ticket] = {}
-        self._socks = [connect_dealer(a, options=socket_options, security=security)
-                       for a in self.addresses]
-        self._poller = zmq.Poller()
-        for sock in self._socks:
-            self._poller.register(sock, zmq.POLLIN)
+        self._links = ServerLinks(self.addresses, options=socket_options,
+                                  security=self._security)
+        self._heartbeat: Heartbeat | None = None
 
     # ---- requests -----------------------------------------------------------------------
     def register(self) -> Layout:
         """Announce this worker to every shard; returns (and keeps) the layout."""
-        result = self.wait(self._send("register", [{} for _ in self._socks]))
+        result = self.wait(self._send("register", self._empty()))
         self.layout = result
+        if self.heartbeat_interval and self._heartbeat is None:
+            self._heartbeat = Heartbeat(self.addresses, self.worker_id, self.heartbeat_interval,
+                                        options=self._options, security=self._security)
         return result
 
     def push(self, grads: dict[str, Any], version: int) -> Ticket:
@@ -161,9 +167,18 @@ class PSClient:
         """Tell every shard to stop (blocking until each acknowledges)."""
         self.wait(self._send("shutdown", self._empty()), timeout)
 
+    def resend(self, ticket: Ticket) -> None:
+        """Send ``ticket``'s request again to the servers that have not answered (same
+        sequence number: a server that already has it answers ``duplicate``)."""
+        for i in ticket.servers:
+            if i not in ticket.replies:
+                self._transmit(ticket, i, resend=True)
+
     def close(self) -> None:
-        for sock in self._socks:
-            sock.close()
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
+        self._links.close()
         self._open.clear()
 
     def __enter__(self) -> PSClient:
@@ -174,7 +189,7 @@ class PSClient:
 
     # ---- building and sending -------------------------------------------------------------
     def _empty(self) -> list[dict[str, np.ndarray]]:
-        return [{} for _ in self._socks]
+        return [{} for _ in self.addresses]
 
     def _gradient_parts(self, grads: dict[str, Any]) -> list[dict[str, np.ndarray]]:
         lay = self._need_layout()
@@ -191,25 +206,36 @@ class PSClient:
         return split(host, lay.plan)
 
     def _send(self, op: str, parts: list[dict[str, np.ndarray]], *, ver: int = 0,
-              out: dict[str, np.ndarray] | None = None, **extra: Any) -> Ticket:
+              out: dict[str, np.ndarray] | None = None,
+              servers: tuple[int, ...] | None = None, **extra: Any) -> Ticket:
         self._seq += 1
-        ticket = Ticket(op, self._seq, tuple(range(len(self._socks))), {}, out)
+        servers = tuple(range(len(self.addresses))) if servers is None else servers
+        ticket = Ticket(op, self._seq, servers, {}, out)
         codec = self.codec if op in ("push", "push_pull") else _DENSE
-        for i, part in enumerate(parts):
+        for i in servers:
             entries = []
-            for key, arr in part.items():
+            for key, arr in parts[i].items():
                 payload, meta = codec.compress(key, arr)
                 entries.append(Entry(key, arr.dtype, arr.shape, payload, meta))
             header = {"op": op, "wid": self.worker_id, "seq": ticket.seq, "ver": int(ver), **extra}
-            frames = encode(header, entries, codec=codec.name)
-            try:
-                self._socks[i].send_multipart(frames, copy=False)
-            except zmq.Again:
-                raise PSTimeoutError(f"could not queue {op} for server {i} "
-                                     f"({self.addresses[i]}): its send queue is full") from None
-            self.bytes_sent += frames_nbytes(frames)
+            ticket.frames[i] = encode_message(header, entries, codec=codec.name)
+            ticket.seqs[i] = ticket.seq
+            self._transmit(ticket, i)
         self._open[ticket.seq] = ticket
         return ticket
+
+    def _transmit(self, ticket: Ticket, i: int, *, resend: bool = False) -> None:
+        frames = ticket.frames[i]
+        try:  # never block: with no usable connection (a failed handshake) a send would hang
+            self._links.socks[i].send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:  # not queued: the next retry or reconnection sends it
+            ticket.sent_gen[i] = -1
+            return
+        ticket.sent_gen[i] = self._links.generation[i]
+        self.bytes_sent += frames_nbytes(frames)
+        if resend:
+            ticket.resends += 1
+            self.resends += 1
 
     def _need_layout(self) -> Layout:
         if self.layout is None:
@@ -223,22 +249,74 @@ class PSClient:
         Raises PSError with the server's message on an error reply, PSTimeoutError
         naming the silent shards after ``timeout`` (default: the client's).
         """
-        limit = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + limit
-        while len(ticket.replies) < len(ticket.servers):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                silent = [f"{i} ({self.addresses[i]})" for i in ticket.servers
-                          if i not in ticket.replies]
-                raise PSTimeoutError(f"no reply to {ticket.op} (seq {ticket.seq}) within "
-                                     f"{limit:g} s from server(s) {', '.join(silent)}")
-            for sock, _ in self._poller.poll(max(1, int(remaining * 1000))):
-                self._drain(self._socks.index(sock))
-        self._open.pop(ticket.seq, None)
+        self._await(ticket, self.timeout if timeout is None else timeout)
         return self._result(ticket)
 
+    def _await(self, ticket: Ticket, limit: float) -> None:
+        deadline = time.monotonic() + limit
+        interval = self.retry_interval
+        next_retry = time.monotonic() + interval
+        while True:
+            while len(ticket.replies) < len(ticket.servers):
+                now = time.monotonic()
+                if now >= deadline:
+                    raise PSTimeoutError(self._timeout_text(ticket, limit))
+                if now >= next_retry:  # no sign of life: resend, backing off
+                    self.resend(ticket)
+                    interval = min(2 * interval, self.retry_max_interval)
+                    next_retry = now + interval
+                wait_ms = max(1, int(1000 * (min(deadline, next_retry) - now)))
+                for is_data, i in self._links.poll(wait_ms):
+                    if is_data:
+                        self._drain(i)
+                    elif self._links.events(i):
+                        self._resend_lost(i)
+            if not self._register_again(ticket, deadline):
+                break
+        for seq in set(ticket.seqs.values()):
+            self._open.pop(seq, None)
+
+    def _resend_lost(self, i: int) -> None:
+        """Server ``i`` is reachable again: resend what it had not answered when the
+        connection broke (what was queued after the break goes out by itself)."""
+        gen = self._links.generation[i]
+        for ticket in {id(t): t for t in self._open.values()}.values():
+            if i in ticket.servers and i not in ticket.replies and ticket.sent_gen[i] < gen:
+                self._transmit(ticket, i, resend=True)
+
+    def _register_again(self, ticket: Ticket, deadline: float) -> bool:
+        """Servers that answered ``unregistered`` (restarted without this worker, or
+        gave it up as lost): register with them and resend under a new sequence number.
+        True when something was resent (the caller waits again)."""
+        shards = tuple(i for i, m in ticket.replies.items()
+                       if m.header.get("code") == "unregistered")
+        if not shards or ticket.op == "register" or ticket.reregistered:
+            return False
+        ticket.reregistered = True
+        reg = self._send("register", self._empty(), servers=shards)
+        self._await(reg, max(0.0, deadline - time.monotonic()))
+        raise_errors(reg.op, reg.replies, self.addresses)
+        self.reregistrations += 1
+        for i in shards:
+            self._seq += 1
+            header = msgpack.unpackb(ticket.frames[i][0], raw=False)
+            header["seq"] = self._seq
+            ticket.frames[i] = [msgpack.packb(header, use_bin_type=True), *ticket.frames[i][1:]]
+            ticket.seqs[i] = self._seq
+            self._open[self._seq] = ticket
+            del ticket.replies[i]
+            self._transmit(ticket, i)
+        return True
+
+    def _timeout_text(self, ticket: Ticket, limit: float) -> str:
+        silent = [i for i in ticket.servers if i not in ticket.replies]
+        names = ", ".join(f"{i} ({self.addresses[i]})" for i in silent)
+        states = "; ".join(f"server {i}: {self._links.describe(i)}" for i in silent)
+        return (f"no reply to {ticket.op} (seq {ticket.seq}) within {limit:g} s from "
+                f"server(s) {names} [{states}; resent {ticket.resends} times]")
+
     def _drain(self, i: int) -> None:
-        sock = self._socks[i]
+        sock = self._links.socks[i]
         while True:
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -249,71 +327,25 @@ class PSClient:
             except ProtocolError as exc:
                 raise PSError(f"server {i} ({self.addresses[i]}) sent a bad reply: {exc}") from None
             self.bytes_received += msg.nbytes
-            ticket = self._open.get(msg.header["seq"])
-            if ticket is None or i in ticket.replies:
+            seq = msg.header["seq"]
+            ticket = self._open.get(seq)
+            if ticket is None or i in ticket.replies or ticket.seqs.get(i) != seq:
                 self.unmatched_replies += 1  # a late reply to a resent or abandoned request
                 continue
             ticket.replies[i] = msg
 
     def _result(self, ticket: Ticket) -> Any:
-        errors = [f"server {i} ({self.addresses[i]}): {m.header.get('message', '')}"
-                  for i, m in sorted(ticket.replies.items()) if m.header["status"] == "error"]
-        if errors:
-            raise PSError(f"{ticket.op} failed: " + "; ".join(errors))
+        raise_errors(ticket.op, ticket.replies, self.addresses)
         replies = [ticket.replies[i] for i in ticket.servers]
         version = min(m.header["ver"] for m in replies)
         if ticket.op == "register":
-            return _layout_from(replies, version)
+            return layout_from(replies, version)
         if ticket.op in ("pull", "push_pull"):
-            return version, self._gather(replies, ticket.out)
+            return version, gather_replies(self._need_layout().plan, replies, ticket.out)
         if ticket.op == "push":
             return version
         if ticket.op == "clock":
             return min(int(m.header.get("min_clock", version)) for m in replies)
         if ticket.op == "stats":
-            return [_int_keys(m.header.get("stats", {})) for m in replies]
+            return [int_keys(m.header.get("stats", {})) for m in replies]
         return None
-
-    def _gather(self, replies: list[Message], out: dict[str, np.ndarray] | None,
-                ) -> dict[str, np.ndarray]:
-        plan = self._need_layout().plan
-        fresh = {i for i, m in enumerate(replies) if not m.header.get("not_modified")}
-        if not fresh:
-            return {}
-        if len(fresh) < len(replies):  # only names whose every piece came back
-            names = {p.name for p in plan.pieces} - {
-                p.name for p in plan.pieces if p.server not in fresh}
-            plan = ShardPlan(plan.num_servers, {n: s for n, s in plan.shapes.items()
-                                                if n in names},
-                             tuple(p for p in plan.pieces if p.name in names))
-        per_server = [m.arrays() if i in fresh else {} for i, m in enumerate(replies)]
-        return gather(per_server, plan, out)
-
-
-def _int_keys(stats: dict[str, Any]) -> dict[str, Any]:
-    """Stats maps keyed by worker id or staleness travel with string keys; restore ints."""
-    out = dict(stats)
-    for field in ("clocks", "staleness_hist"):
-        if isinstance(out.get(field), dict):
-            out[field] = {int(k): v for k, v in out[field].items()}
-    return out
-
-
-def _layout_from(replies: list[Message], version: int) -> Layout:
-    layouts, dtypes = [], {}
-    for i, m in enumerate(replies):
-        lay = m.header.get("layout")
-        ok = (isinstance(lay, dict) and all(isinstance(lay.get(f), list)
-                                            for f in ("keys", "shapes", "dtypes"))
-              and len(lay["keys"]) == len(lay["shapes"]) == len(lay["dtypes"])
-              and all(d in DTYPES for d in lay["dtypes"]))
-        if not ok:
-            raise PSError(f"server {i} sent a malformed layout in its register reply")
-        layouts.append({k: tuple(s) for k, s in zip(lay["keys"], lay["shapes"], strict=True)})
-        for k, d in zip(lay["keys"], lay["dtypes"], strict=True):
-            dtypes[key_name(k)] = DTYPES[d]
-    plan = plan_from_layouts(layouts)
-    first = replies[0].header["layout"]
-    return Layout(plan.names, dict(plan.shapes), {n: dtypes[n] for n in plan.names}, version,
-                  plan, str(first.get("mode")), int(first.get("num_workers", 0)),
-                  int(first.get("staleness", 0)))

@@ -11,6 +11,13 @@ slowest live worker's clock is at least ``c - s``. Sync mode applies the same ru
 to ``clock`` with ``s = 0``; async never gates. Live workers are all expected
 workers (ids ``0..num_workers-1``), registered or not: counting only those
 registered so far would let an early worker race ahead of one still starting.
+
+Liveness: every message from a registered worker (its requests and its client's
+heartbeat pings) records when it was last seen. ``silent(now, timeout)`` names the
+workers not heard from for longer than the server's ``worker_timeout``; the server
+then ``lose``s them: they leave ``live`` (nobody waits for them any more) and
+``registered`` (so a worker that was only slow is told to register again), and
+are listed in ``lost``. A lost worker that registers again ``rejoin``s.
 """
 
 from __future__ import annotations
@@ -57,6 +64,10 @@ class Consistency:
         self.barrier_generation = 0
         self.waiters: list[Waiter] = []
         self.max_clock_gap = 0  # the largest c - min_clock at which a clock reply went out
+        self.session: dict[int, int] = {}  # wid -> seq of its latest register
+        self.barrier_seq: dict[int, tuple[int, int]] = {}  # wid -> (seq, generation joined)
+        self.last_seen: dict[int, float] = {}  # wid -> time.monotonic() of its last message
+        self.lost: dict[int, dict] = {}  # wid -> {"reason", "version"}
 
     # ---- clocks ---------------------------------------------------------------------
     def min_clock(self) -> int:
@@ -78,9 +89,14 @@ class Consistency:
     def round_complete(self) -> bool:
         return bool(self.round) and self.live <= set(self.round)
 
-    def arrive_at_barrier(self, wid: int) -> int:
-        """Add ``wid``; returns the generation it waits to see pass."""
+    def arrive_at_barrier(self, wid: int, seq: int = -1) -> int:
+        """Add ``wid``; returns the generation it waits to see pass. A resend (same
+        ``seq``) returns the generation it joined the first time without joining again."""
+        seen = self.barrier_seq.get(wid)
+        if seen is not None and seen[0] == seq:
+            return seen[1]
         generation = self.barrier_generation
+        self.barrier_seq[wid] = (seq, generation)
         self.barrier.add(wid)
         if self.live <= self.barrier:
             self.barrier.clear()
@@ -93,6 +109,48 @@ class Consistency:
         if self.barrier and self.live <= self.barrier:
             self.barrier.clear()
             self.barrier_generation += 1
+
+    # ---- liveness -------------------------------------------------------------------
+    def register(self, wid: int, seq: int, now: float) -> bool:
+        """A (new) session of ``wid``; returns True when it comes back from ``lost``."""
+        back = self.lost.pop(wid, None) is not None
+        if back:
+            self.live.add(wid)
+            others = [self.clocks[w] for w in self.live if w != wid]
+            # it must not hold back the workers that carried on without it
+            self.clocks[wid] = max(self.clocks[wid], min(others, default=0))
+        self.registered.add(wid)
+        self.session[wid] = seq
+        self.last_seq[wid] = seq  # a new session: older seqs are stale
+        self.last_seen[wid] = now
+        return back
+
+    def silent(self, now: float, timeout: float) -> list[int]:
+        """Registered live workers not heard from for more than ``timeout`` seconds."""
+        return sorted(w for w in self.registered & self.live
+                      if now - self.last_seen.get(w, now) > timeout)
+
+    def lose(self, wid: int, reason: str, version: int) -> list[Waiter]:
+        """Drop ``wid`` from every wait; returns its own parked requests (to answer)."""
+        self.remove_worker(wid)
+        self.registered.discard(wid)
+        self.barrier.discard(wid)
+        self.lost[wid] = {"reason": reason, "version": version}
+        own = [w for w in self.waiters if w.wid == wid]
+        self.waiters = [w for w in self.waiters if w.wid != wid]
+        return own
+
+    def park(self, waiter: Waiter) -> None:
+        """Add ``waiter``. A resend from a new address (a client that reconnected) replaces
+        the request parked for the old one, keeping its deadline; from the same address
+        it is answered too (every request gets a reply)."""
+        for i, w in enumerate(self.waiters):
+            if (w.wid, w.seq, w.op, w.kind) == (waiter.wid, waiter.seq, waiter.op, waiter.kind) \
+                    and w.identity != waiter.identity:
+                waiter.deadline = w.deadline
+                self.waiters[i] = waiter
+                return
+        self.waiters.append(waiter)
 
     # ---- waiters --------------------------------------------------------------------
     def ready(self, w: Waiter, version: int) -> bool:

@@ -26,7 +26,8 @@ import numpy as np
 from distnet.ps.codecs import Payload, codec_class
 
 PROTOCOL_VERSION = 1
-REQUEST_OPS = ("register", "push", "pull", "push_pull", "clock", "barrier", "stats", "shutdown")
+REQUEST_OPS = ("register", "push", "pull", "push_pull", "clock", "barrier", "stats", "shutdown",
+               "ping")
 REPLY_OPS = (*REQUEST_OPS, "error")  # "error": a reply to a message whose op is unknown
 STATUSES = ("ok", "error")
 # Names on the wire -> the little-endian dtypes they denote. Nothing else is accepted.
@@ -53,6 +54,10 @@ class Limits:
     max_message_bytes: int = 1 << 32
     max_str_len: int = 1 << 16
     max_map_len: int = 1 << 12
+    # nesting of maps/lists: the deepest real header (a reply's stats) has 4 levels. Deeper
+    # values are refused before anything formats them: repr() of a 1000-deep list raises
+    # RecursionError, which no caller expects from an error message.
+    max_depth: int = 12
 
 
 DEFAULT_LIMITS = Limits()
@@ -172,7 +177,7 @@ def validate_header(h: Any, frame_sizes: list[int], *, reply: bool = False,
     ops = REPLY_OPS if reply else REQUEST_OPS
     if op not in ops:
         raise ProtocolError(f"unknown op {op!r:.40}; known: {list(ops)}")
-    if h.get("v") != PROTOCOL_VERSION:
+    if not _is_int(h.get("v")) or h["v"] != PROTOCOL_VERSION:  # True == 1.0 == 1 in Python
         raise ProtocolError(f"protocol version {h.get('v')!r:.20} not spoken here "
                             f"(this side speaks {PROTOCOL_VERSION})")
     for name in ("wid", "seq", "ver"):
@@ -234,12 +239,23 @@ def validate_header(h: Any, frame_sizes: list[int], *, reply: bool = False,
     return out
 
 
+def check_depth(obj: Any, limit: int) -> None:
+    """Raise ProtocolError when maps/lists nest deeper than ``limit`` (iterative: no recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        x, depth = stack.pop()
+        children = x.values() if isinstance(x, dict) else x
+        if depth > limit:
+            raise ProtocolError(f"header nests deeper than {limit} levels")
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+
+
 def unpack_header(raw: bytes | memoryview, limits: Limits = DEFAULT_LIMITS) -> Any:
-    """msgpack -> Python, with every size bounded and no extension types."""
+    """msgpack -> Python, with every size and the nesting depth bounded, no extension types."""
     if len(raw) > limits.max_header_bytes:
         raise ProtocolError(f"header of {len(raw)} bytes, limit {limits.max_header_bytes}")
     try:
-        return msgpack.unpackb(
+        h = msgpack.unpackb(
             raw, raw=False, strict_map_key=True, use_list=True,
             max_str_len=limits.max_str_len, max_bin_len=limits.max_str_len,
             max_array_len=limits.max_keys, max_map_len=limits.max_map_len, max_ext_len=0,
@@ -247,6 +263,9 @@ def unpack_header(raw: bytes | memoryview, limits: Limits = DEFAULT_LIMITS) -> A
     except Exception as exc:  # msgpack raises ValueError, ExtraData, FormatError, StackError...
         raise ProtocolError(f"header is not valid msgpack: {type(exc).__name__}: {exc}"[:200]) \
             from None
+    if isinstance(h, (dict, list)):
+        check_depth(h, limits.max_depth)
+    return h
 
 
 def decode(frames: list[Any], *, reply: bool = False,

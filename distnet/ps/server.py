@@ -1,38 +1,50 @@
 """The parameter server: one ROUTER socket, one loop, parameters updated in place.
 
     server = ParameterServer({"w": w0}, optimizer="momentum", optimizer_config={"lr": 0.1},
-                             mode="sync", num_workers=4)
+                             mode="sync", num_workers=4, worker_timeout=10,
+                             checkpoint_dir="ckpt", checkpoint_every=100)
     server.start_thread()        # or server.run() in its own process
     ... PSClient([server.address], worker_id) ...
     server.stop()
 
 The loop receives a request, validates it fully (``protocol.decode`` then
 ``ServerState.decode``), and either answers at once or parks the reply as a
-waiter (``consistency.py``); it never blocks on a worker. Replies carrying
-parameters send the live arrays with ``copy=False``: ZeroMQ may still be reading
-them when the loop moves on, so before the next in-place update the server waits
-for those sends to finish (``_wait_inflight``), which is normally instantaneous.
+waiter (``consistency.py``); it never blocks on a worker, and sends without
+blocking (a reply to a peer whose queue is full is dropped and counted; the
+client resends). Replies carrying parameters send the live arrays with
+``copy=False``; before the next in-place update the server waits briefly for
+those sends, and gives the parameters fresh arrays if a slow reader still holds
+them (``_wait_inflight``). The operations are in ``ops.py``.
 
-Bad messages get an error reply, are counted in ``rejected`` and change nothing.
+Reliability (see RELIABILITY.md): bad messages get an error reply, are counted in
+``rejected`` and change nothing; a worker silent for ``worker_timeout`` seconds is
+dropped from every wait (or, with ``on_worker_loss="abort"``, ends the job);
+checkpoints every ``checkpoint_every`` versions let ``resume`` carry on after a
+crash; without CURVE keys (``security``) the server only listens locally.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zmq
 
-from distnet.ps.consistency import Consistency, Waiter
+from distnet.ps import checkpoint as ckpt
+from distnet.ps.auth import ServerKeys, ZapHandler, check_bind_address, server_keys
+from distnet.ps.consistency import Consistency
+from distnet.ps.ops import RequestError, ServerOps
 from distnet.ps.protocol import (
     DEFAULT_LIMITS,
     Limits,
-    Message,
     ProtocolError,
     decode,
     dense_entries,
@@ -45,19 +57,21 @@ from distnet.ps.transport import (
     SocketOptions,
     bind_router,
     frames_nbytes,
-    recv_frames,
+    monitor,
+    read_events,
     send_frames,
 )
 
 log = logging.getLogger("distnet.ps.server")
-_POLL_S = 0.05  # how often an idle loop looks at stop() and deadlines
+_POLL_S = 0.05  # how often an idle loop looks at stop(), deadlines and heartbeats
+_BATCH = 64  # messages handled per poll when they queue up
+_INFLIGHT_WAIT_S = 1.0  # how long an update waits for a parameter reply still being sent
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+LOSS_POLICIES = ("continue", "abort")
 
 
-class RequestError(Exception):
-    """A well-formed request that cannot be honoured (unregistered, stale, ...)."""
-
-
-class ParameterServer:
+class ParameterServer(ServerOps):
     """Holds one shard of the parameters and applies workers' gradients to it.
 
     params: key -> array (copied; the server owns its arrays). optimizer: a distnet
@@ -67,6 +81,20 @@ class ParameterServer:
     "ssp" (async updates, clocks gated by ``staleness``). lr_staleness_scaling: in
     async mode scale the rate by ``1 / (1 + staleness)``. timeout: seconds any
     deferred reply may wait before it is answered with an error naming its cause.
+
+    Reliability and security (all optional):
+    worker_timeout: seconds without a message or heartbeat after which a registered
+    worker is lost (None: never). on_worker_loss: "continue" (the others carry on)
+    or "abort" (every request is then refused with a message naming the worker, and
+    the loop ends ``worker_timeout`` seconds later). nonfinite: "reject" NaN/inf
+    gradients or "clip" them (entries set to 0). checkpoint_dir / checkpoint_every
+    (versions, 0 = only on stop) / checkpoint_keep / checkpoint_on_stop (default: when
+    checkpoint_dir is set; covers SIGTERM, ``shutdown`` and ``stop()``). resume: a
+    checkpoint file or directory to start from (its newest checkpoint of this shard),
+    or True for "checkpoint_dir's newest if there is one". job_config: JSON-able
+    settings stored in every checkpoint. security: ServerKeys or a keys directory
+    (``distnet keygen``); without it only local addresses may be bound unless
+    allow_insecure.
     """
 
     def __init__(self, params: dict[str, np.ndarray], *, optimizer: OptimizerSpec = "sgd",
@@ -75,40 +103,115 @@ class ParameterServer:
                  mode: str = "sync", num_workers: int = 1, staleness: int = 3,
                  lr_staleness_scaling: bool = False, bind: str = "tcp://127.0.0.1:0",
                  server_id: int = 0, timeout: float = 60.0, check_finite: bool = True,
-                 socket_options: SocketOptions = DEFAULT_OPTIONS, security: Any = None,
-                 limits: Limits = DEFAULT_LIMITS) -> None:
+                 socket_options: SocketOptions = DEFAULT_OPTIONS,
+                 security: ServerKeys | str | Path | None = None,
+                 limits: Limits = DEFAULT_LIMITS, worker_timeout: float | None = None,
+                 on_worker_loss: str = "continue", nonfinite: str = "reject",
+                 checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0,
+                 checkpoint_keep: int = 2, checkpoint_on_stop: bool | None = None,
+                 resume: str | Path | bool | None = None,
+                 job_config: dict[str, Any] | None = None, allow_insecure: bool = False) -> None:
+        if on_worker_loss not in LOSS_POLICIES:
+            raise ValueError(f"on_worker_loss must be one of {LOSS_POLICIES}, "
+                             f"got {on_worker_loss!r}")
+        if worker_timeout is not None and worker_timeout <= 0:
+            raise ValueError(f"worker_timeout must be > 0 seconds, got {worker_timeout}")
+        keys = server_keys(security)
+        check_bind_address(bind, secure=keys is not None, allow_insecure=allow_insecure)
         self.consistency = Consistency(mode, num_workers, staleness)
         self.state = ServerState(params, optimizer=optimizer, optimizer_config=optimizer_config,
-                                 schedule=schedule, check_finite=check_finite)
+                                 schedule=schedule, check_finite=check_finite,
+                                 nonfinite=nonfinite)
         self.mode, self.server_id, self.timeout = mode, server_id, float(timeout)
         self.lr_staleness_scaling = lr_staleness_scaling
         self.limits = limits
+        self.worker_timeout, self.on_worker_loss = worker_timeout, on_worker_loss
+        self.job_config = job_config
         self.counters: Counter[str] = Counter()
         self.requests: Counter[str] = Counter()
         self.staleness_hist: Counter[int] = Counter()
         self.last_error = ""
+        self.abort_reason: str | None = None
+        self._abort_at = 0.0
+        self.checkpoints = ckpt.Checkpointer(checkpoint_dir, checkpoint_every, checkpoint_keep,
+                                             checkpoint_on_stop, resume)
+        self.checkpoints.resume(self)
         self._params_entries = dense_entries(self.state.arrays)  # live arrays: built once
         self._inflight: list[zmq.MessageTracker] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._ran = False
-        self._sock, self.address = bind_router(bind, options=socket_options, security=security)
+        # a secured server gets a context of its own: ZeroMQ allows one ZAP handler per
+        # context, and its key list must not apply to other servers in this process
+        self._context = zmq.Context() if keys is not None else None
+        self._zap = ZapHandler(self._context, keys.allowed) if keys is not None else None
+        try:
+            self._sock, self.address = bind_router(
+                bind, options=self._socket_options(socket_options), security=keys,
+                context=self._context)
+            self._monitor = monitor(self._sock, _HANDSHAKE_FAILED)
+        except BaseException:
+            self._close_sockets(linger=0)
+            raise
+
+    def _socket_options(self, options: SocketOptions) -> SocketOptions:
+        """ZMQ_MAXMSGSIZE no larger than the largest frame a valid request can have, so
+        ZeroMQ drops an oversized one before it is ever buffered whole."""
+        biggest = max((max(a.nbytes, 8 * a.size) for a in self.state.arrays.values()), default=0)
+        cap = max(self.limits.max_header_bytes, biggest) + 1024
+        size = options.max_message_bytes
+        return replace(options, max_message_bytes=cap if size < 0 else min(size, cap))
 
     # ---- running ----------------------------------------------------------------------
-    def run(self) -> None:
-        """Serve until a ``shutdown`` request or ``stop()``; closes the socket on exit."""
+    def run(self, *, handle_signals: bool = True) -> None:
+        """Serve until ``shutdown``, ``stop()``, SIGTERM (main thread, when no handler is
+        installed yet) or an abort; writes the stop checkpoint and closes the sockets."""
         self._ran = True
+        previous = self._catch_sigterm() if handle_signals else None
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         try:
             while not self._stop.is_set():
+                now = time.monotonic()
+                if self.abort_reason is not None and now >= self._abort_at:
+                    break
                 deadline = self.consistency.next_deadline()
-                wait = _POLL_S if deadline is None else min(
-                    _POLL_S, max(0.0, deadline - time.monotonic()))
-                frames = recv_frames(self._sock, wait)
-                if frames is not None:
-                    self._handle(frames)
-                self._expire(time.monotonic())
+                wait = _POLL_S if deadline is None else min(_POLL_S, max(0.0, deadline - now))
+                ready = dict(poller.poll(int(wait * 1000)))
+                if self._sock in ready:
+                    self._receive()
+                if self._monitor in ready:
+                    self._note_handshakes()
+                now = time.monotonic()
+                self._expire(now)
+                self._check_liveness(now)
         finally:
-            self._sock.close()  # LINGER lets the last replies (shutdown's) go out
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+            self._finish()
+
+    def _catch_sigterm(self) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return None  # someone (distnet serve) handles it already and calls stop()
+        return signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+
+    def _finish(self) -> None:
+        if self.checkpoints.on_stop:
+            self.save_checkpoint()
+        self._close_sockets()  # LINGER lets the last replies (shutdown's) go out
+
+    def _close_sockets(self, linger: int | None = None) -> None:
+        if getattr(self, "_sock", None) is not None:
+            if getattr(self, "_monitor", None) is not None:
+                self._sock.disable_monitor()
+                self._monitor.close(linger=0)
+            self._sock.close(linger=linger)
+        stopped = self._zap is None or self._zap.stop()
+        if self._context is not None and stopped:  # term() would wait for the ZAP socket
+            self._context.term()
 
     def start_thread(self) -> threading.Thread:
         """Run the loop in a daemon thread (tests, single-process demos)."""
@@ -118,185 +221,81 @@ class ParameterServer:
         self._thread.start()
         return self._thread
 
-    def stop(self, join_timeout: float = 5.0) -> None:
-        """Ask the loop to end (within ~50 ms) and join its thread if it has one."""
+    def stop(self, join_timeout: float = 5.0, *, checkpoint: bool | None = None) -> None:
+        """Ask the loop to end (within ~50 ms) and join its thread if it has one.
+        checkpoint: write the stop checkpoint or not (default: ``checkpoint_on_stop``)."""
+        if checkpoint is not None:
+            self.checkpoints.on_stop = checkpoint and self.checkpoint_dir is not None
         self._stop.set()
         if not self._ran:  # never served: nobody else will close the socket
-            self._sock.close(linger=0)
+            self._close_sockets(linger=0)
         elif self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(join_timeout)
 
+    # ---- checkpoints ------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        return self.checkpoints.directory
+
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint now (into checkpoint_dir); its path, or None on failure."""
+        return self.checkpoints.save(self)
+
+    def _after_update(self) -> None:
+        self.checkpoints.after_update(self)
+
     # ---- receiving --------------------------------------------------------------------
+    def _receive(self) -> None:
+        for _ in range(_BATCH):
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                self._handle(frames)
+            except Exception:  # a bug must cost one request, never the server
+                self.counters["internal_errors"] += 1
+                log.exception("server %d: unexpected error handling a message", self.server_id)
+
     def _handle(self, frames: list[zmq.Frame]) -> None:
         identity, body = frames[0].bytes, frames[1:]
         self.counters["bytes_in"] += frames_nbytes(frames)
         try:
             msg = decode(body, limits=self.limits)
         except ProtocolError as exc:
-            self._reject(identity, peek_fields(body), str(exc))
+            self._reject(identity, peek_fields(body), str(exc), "bad_message")
             return
         h = msg.header
-        self.requests[h["op"]] += 1
+        op, wid = h["op"], h["wid"]
+        self.requests[op] += 1
         try:
-            if h["op"] not in ("register", "stats", "shutdown"):
-                self._check_worker(h["wid"], registered=True)
-            getattr(self, "_op_" + h["op"])(identity, msg)
+            if op != "stats":
+                self._check_worker(wid)
+                self.consistency.last_seen[wid] = time.monotonic()
+            if self.abort_reason is not None and op not in ("stats", "ping", "shutdown"):
+                raise RequestError(self.abort_reason, "aborted")
+            if op not in ("register", "stats", "ping") \
+                    and wid not in self.consistency.registered:
+                raise RequestError(f"worker {wid} is not registered (call register first)",
+                                   "unregistered")
+            getattr(self, "_op_" + op)(identity, msg)
         except (ProtocolError, RequestError) as exc:
-            self._reject(identity, h, str(exc))
+            self._reject(identity, h, str(exc), getattr(exc, "code", "bad_message"))
         except Exception as exc:  # a bug or an optimizer failure: report it, keep serving
-            log.exception("server %d: %s from worker %s failed", self.server_id, h["op"], h["wid"])
-            self._reject(identity, h, f"internal error: {type(exc).__name__}: {exc}")
+            self.counters["internal_errors"] += 1
+            log.exception("server %d: %s from worker %s failed", self.server_id, op, wid)
+            self._reject(identity, h, f"internal error: {type(exc).__name__}: {exc}", "internal")
 
-    def _check_worker(self, wid: int, *, registered: bool) -> None:
-        c = self.consistency
-        if wid >= c.num_workers:
-            raise RequestError(f"worker id {wid} out of range: this server expects "
-                               f"{c.num_workers} workers (0..{c.num_workers - 1})")
-        if registered and wid not in c.registered:
-            raise RequestError(f"worker {wid} is not registered (call register first)")
+    def _check_worker(self, wid: int) -> None:
+        n = self.consistency.num_workers
+        if wid >= n:
+            raise RequestError(f"worker id {wid} out of range: this server expects {n} workers "
+                               f"(0..{n - 1})")
 
-    # ---- operations -------------------------------------------------------------------
-    def _op_register(self, identity: bytes, msg: Message) -> None:
-        h = msg.header
-        self._check_worker(h["wid"], registered=False)
-        self.consistency.registered.add(h["wid"])
-        self.consistency.last_seq[h["wid"]] = h["seq"]  # a new session: older seqs are stale
-        c = self.consistency
-        layout = {**self.state.layout(), "mode": self.mode, "num_workers": c.num_workers,
-                  "staleness": c.bound or 0, "server_id": self.server_id}
-        self._reply(identity, h, layout=layout)
-
-    def _op_push(self, identity: bytes, msg: Message) -> None:
-        self._gradient(identity, msg, want_params=False)
-
-    def _op_push_pull(self, identity: bytes, msg: Message) -> None:
-        self._gradient(identity, msg, want_params=True)
-
-    def _gradient(self, identity: bytes, msg: Message, *, want_params: bool) -> None:
-        h, c, st = msg.header, self.consistency, self.state
-        wid, seq, ver = h["wid"], h["seq"], h["ver"]
-        if seq <= c.last_seq.get(wid, -1):  # a resend: acknowledge, never apply twice
-            self.counters["duplicates"] += 1
-            if want_params and c.round.get(wid) == seq:  # its round is still open: wait again
-                self._park(identity, h, "step", st.version + 1)
-            elif want_params:
-                self._reply_params(identity, h, duplicate=True)
-            else:
-                self._reply(identity, h, duplicate=True)
-            return
-        if ver > st.version:
-            raise RequestError(f"gradient computed on version {ver}, server is at {st.version}")
-        if self.mode == "sync":
-            if ver != st.version:
-                raise RequestError(f"stale gradient: computed on version {ver}, server is at "
-                                   f"{st.version} (sync mode needs the current version)")
-            if wid in c.round:
-                raise RequestError(f"worker {wid} already pushed for version {st.version}")
-        grads, views = st.decode(msg)  # validates everything; raises before any change
-        if self.mode != "sync" or c.live <= {*c.round, wid}:
-            self._wait_inflight()  # the update below rewrites arrays a reply may still read
-        self.counters["gradients_received"] += 1
-        c.last_seq[wid] = seq
-        if self.mode == "sync":
-            st.accumulate(grads, views)
-            c.round[wid] = seq
-            if want_params:
-                self._park(identity, h, "step", st.version + 1)
-            else:
-                self._reply(identity, h, accepted=True)
-            if c.round_complete():
-                self.counters["pushes_applied"] += st.apply_accumulated()
-                c.round.clear()
-                self._release()
-            return
-        staleness = st.version - ver
-        self.staleness_hist[staleness] += 1
-        scale = 1.0 / (1 + staleness) if self.lr_staleness_scaling and self.mode == "async" else 1.0
-        st.apply(grads, scale)
-        self.counters["pushes_applied"] += 1
-        if want_params:
-            self._reply_params(identity, h, staleness=staleness)
-        else:
-            self._reply(identity, h, staleness=staleness)
-
-    def _op_pull(self, identity: bytes, msg: Message) -> None:
-        h, c = msg.header, self.consistency
-        if self.mode == "ssp":
-            clock = c.clocks[h["wid"]]
-            if not c.clock_ready(clock):
-                self._park(identity, h, "clock", clock)
-                return
-            self._reply_params(identity, h, min_clock=c.note_clock_reply(clock))
-            return
-        self._reply_params(identity, h)
-
-    def _op_clock(self, identity: bytes, msg: Message) -> None:
-        h, c = msg.header, self.consistency
-        wid, clock = h["wid"], h["ver"]
-        if clock < c.clocks[wid]:
-            raise RequestError(f"worker {wid}: clock {clock} is behind its clock {c.clocks[wid]}")
-        c.clocks[wid] = clock
-        self._release()  # this worker may have been the slowest
-        if c.clock_ready(clock):
-            self._reply(identity, h, min_clock=c.note_clock_reply(clock))
-        else:
-            self._park(identity, h, "clock", clock)
-
-    def _op_barrier(self, identity: bytes, msg: Message) -> None:
-        generation = self.consistency.arrive_at_barrier(msg.header["wid"])
-        self._park(identity, msg.header, "barrier", generation)
-        self._release()
-
-    def _op_stats(self, identity: bytes, msg: Message) -> None:
-        self._reply(identity, msg.header, stats=self.stats())
-
-    def _op_shutdown(self, identity: bytes, msg: Message) -> None:
-        self._reply(identity, msg.header)
-        self._stop.set()
-
-    def stats(self) -> dict[str, Any]:
-        """Counters (msgpack-able: map keys are strings)."""
-        c, st = self.consistency, self.state
-        return {
-            "server_id": self.server_id, "mode": self.mode, "version": st.version,
-            "lr": st.current_lr(), "num_workers": c.num_workers,
-            "registered": sorted(c.registered), "live": sorted(c.live),
-            "clocks": {str(w): v for w, v in sorted(c.clocks.items())},
-            "min_clock": c.min_clock(), "max_clock_gap": c.max_clock_gap,
-            "staleness_hist": {str(s): n for s, n in sorted(self.staleness_hist.items())},
-            "requests": dict(self.requests), "pending_replies": len(c.waiters),
-            "param_bytes": st.nbytes(), "last_error": self.last_error,
-            "update_seconds": st.update_seconds,
-            **{k: self.counters[k] for k in (
-                "pushes_applied", "gradients_received", "duplicates", "rejected", "timeouts",
-                "replies_dropped", "bytes_in", "bytes_out")},
-        }
-
-    # ---- deferred replies ----------------------------------------------------------------
-    def _park(self, identity: bytes, h: dict[str, Any], kind: str, target: int) -> None:
-        self.consistency.waiters.append(Waiter(
-            identity, h["op"], h["wid"], h["seq"], kind, target,
-            time.monotonic() + self.timeout, h.get("since")))
-
-    def _release(self) -> None:
-        """Answer every waiter whose condition now holds."""
-        c = self.consistency
-        for w in c.take_ready(self.state.version):
-            h = {"op": w.op, "wid": w.wid, "seq": w.seq, "since": w.since}
-            extra = {"min_clock": c.note_clock_reply(w.target)} if w.kind == "clock" else {}
-            if w.op in ("pull", "push_pull"):
-                self._reply_params(w.identity, h, **extra)
-            else:
-                self._reply(w.identity, h, **extra)
-
-    def _expire(self, now: float) -> None:
-        c = self.consistency
-        for w in c.take_expired(now):
-            self.counters["timeouts"] += 1
-            text = (f"timed out after {self.timeout:g} s waiting for "
-                    f"{c.describe_wait(w, self.state.version)}")
-            self._send(w.identity, self._header({"op": w.op, "wid": w.wid, "seq": w.seq},
-                                                "error", text))
+    def _note_handshakes(self) -> None:
+        for event, _ in read_events(self._monitor):
+            if event & _HANDSHAKE_FAILED:
+                self.counters["handshakes_failed"] += 1
 
     # ---- sending ----------------------------------------------------------------------
     def _header(self, h: dict[str, Any], status: str = "ok", message: str = "",
@@ -315,22 +314,22 @@ class ParameterServer:
         else:
             self._send(identity, self._header(h, **extra), self._params_entries, track=True)
 
-    def _reject(self, identity: bytes, h: dict[str, Any], text: str) -> None:
+    def _reject(self, identity: bytes, h: dict[str, Any], text: str, code: str) -> None:
         self.counters["rejected"] += 1
         self.last_error = text
         log.info("server %d rejected %s from worker %s: %s", self.server_id, h.get("op"),
                  h.get("wid"), text)
-        self._send(identity, self._header(h, "error", text))
+        self._send(identity, self._header(h, "error", text, code=code))
 
     def _send(self, identity: bytes, header: dict[str, Any], entries: list = (),
               track: bool = False) -> None:
         frames = [identity, *encode(header, entries)]
-        try:
-            tracker = send_frames(self._sock, frames, track=track)
+        try:  # never block the loop on one peer: a full queue drops the reply (it resends)
+            tracker = send_frames(self._sock, frames, track=track, noblock=True)
         except zmq.ZMQError as exc:  # the peer left (EHOSTUNREACH) or its pipe is full
             self.counters["replies_dropped"] += 1
-            log.warning("server %d: reply %s to worker %s dropped: %s", self.server_id,
-                        header["op"], header["wid"], exc)
+            log.info("server %d: reply %s to worker %s dropped: %s", self.server_id,
+                     header["op"], header["wid"], exc)
             return
         self.counters["bytes_out"] += frames_nbytes(frames)
         if tracker is not None:
@@ -338,12 +337,16 @@ class ParameterServer:
             self._inflight.append(tracker)
 
     def _wait_inflight(self) -> None:
-        """Block until ZeroMQ has sent every parameter buffer it was given."""
+        """Before an in-place update: wait (briefly) until ZeroMQ has sent every parameter
+        buffer it was given; a reply still queued for a slow peer keeps the old arrays and
+        the parameters move to fresh ones, so no peer can stall the updates."""
+        deadline = time.monotonic() + min(self.timeout, _INFLIGHT_WAIT_S)
         for t in self._inflight:
             try:
-                t.wait(self.timeout)
+                t.wait(max(0.0, deadline - time.monotonic()))
             except zmq.NotDone:
-                raise RequestError(
-                    f"parameters cannot be updated: a reply sent {self.timeout:g} s ago is "
-                    "still being transmitted (a stalled worker?)") from None
+                self.counters["slow_readers"] += 1
+                self.state.detach()
+                self._params_entries = dense_entries(self.state.arrays)
+                break
         self._inflight.clear()

@@ -6,7 +6,8 @@ over them. A gradient is never copied on its way in when it can be avoided:
 ``p.grad`` directly (optimizers only read ``.grad``); other codecs decode into one
 scratch buffer per key. Everything is checked (keys, shapes, dtypes, codec
 payload, finiteness) before anything changes, so a rejected push leaves the state
-exactly as it was.
+exactly as it was. Non-finite gradients are refused (``nonfinite="reject"``) or
+have their NaN/inf entries set to zero (``"clip"``); both are counted.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from distnet.ps.codecs import Codec, codec_class
 from distnet.ps.protocol import DTYPES, Message, ProtocolError
 
 OptimizerSpec = str | Callable[..., Any]
+NONFINITE = ("reject", "clip")
 
 
 def all_finite(g: np.ndarray) -> bool:
@@ -70,7 +72,9 @@ class ServerState:
     def __init__(self, params: dict[str, np.ndarray], *, optimizer: OptimizerSpec = "sgd",
                  optimizer_config: dict[str, Any] | None = None,
                  schedule: dict[str, Any] | Callable[[int], float] | None = None,
-                 check_finite: bool = True) -> None:
+                 check_finite: bool = True, nonfinite: str = "reject") -> None:
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         self.arrays: dict[str, np.ndarray] = {}
         for key, value in params.items():
             arr = np.array(value, copy=True, order="C")
@@ -85,7 +89,9 @@ class ServerState:
                           if self.params else None)
         self.base_lr = float(self.optimizer.lr if self.optimizer else config.get("lr", 0.0))
         self.schedule = build_server_schedule(schedule, self.base_lr)
-        self.check_finite = check_finite
+        self.check_finite, self.nonfinite = check_finite, nonfinite
+        self.nonfinite_gradients = 0  # gradients that had NaN/inf entries (refused or clipped)
+        self.nonfinite_entries = 0  # entries set to zero by nonfinite="clip"
         self.version = 0
         self.update_seconds = 0.0  # time spent in optimizer steps (for stats)
         self._decoders: dict[str, Codec] = {}
@@ -135,9 +141,22 @@ class ServerState:
             except ValueError as exc:
                 raise ProtocolError(f"gradient {e.key!r}: {exc}") from None
             if self.check_finite and not all_finite(g):
-                raise ProtocolError(f"gradient {e.key!r} has NaN or inf entries")
+                g = self._nonfinite(e.key, g)
+                views = False  # g now lives in a scratch buffer
             grads[e.key] = g
         return grads, views
+
+    def _nonfinite(self, key: str, g: np.ndarray) -> np.ndarray:
+        self.nonfinite_gradients += 1
+        if self.nonfinite == "reject":
+            raise ProtocolError(f"gradient {key!r} has NaN or inf entries")
+        out = self._scratch_for(key)
+        if out is not g:
+            np.copyto(out, g)  # frames are read-only, and other keys may still be views
+        bad = ~np.isfinite(out)
+        self.nonfinite_entries += int(bad.sum())
+        out[bad] = 0
+        return out
 
     def _scratch_for(self, key: str) -> np.ndarray:
         buf = self._scratch.get(key)
@@ -178,6 +197,26 @@ class ServerState:
         if buf is None:
             buf = self._acc[key] = np.empty_like(self.arrays[key])
         return buf
+
+    def round_sum(self) -> dict[str, np.ndarray] | None:
+        """The sum of this round's gradients so far (None when empty), for checkpoints."""
+        if self.accumulated == 0:
+            return None
+        return self._first if self._first is not None else self._acc
+
+    def restore_round(self, total: dict[str, np.ndarray], n: int) -> None:
+        """Resume a round that had ``n`` gradients summing to ``total``."""
+        for key, g in total.items():
+            np.copyto(self._acc_for(key), g)
+        self._first, self.accumulated = None, int(n)
+
+    def detach(self) -> None:
+        """Give every parameter a fresh copy of its array, leaving the old arrays to
+        replies still being sent (a peer that reads slowly must not stall updates)."""
+        for key, arr in self.arrays.items():
+            fresh = arr.copy()
+            self.arrays[key] = fresh
+            self.params[key].data = fresh
 
     def apply_accumulated(self) -> int:
         """Apply the mean of the round's gradients (summed in place, divided once);

@@ -1,14 +1,16 @@
 """ZeroMQ sockets for the parameter server: the thin "Van" layer of ps-lite.
 
-Every socket is made by ``make_socket``, the one place that sets options and will
-apply security (CURVE keys) when a ``security`` config is given, so
-authentication is added here and nowhere else. The server binds a ROUTER
+Every socket is made by ``make_socket``, the one place that sets options and
+applies security (CURVE keys from ``distnet.ps.auth``) when ``security`` is given,
+so authentication is added here and nowhere else. The server binds a ROUTER
 (``bind_router``), each client connects one DEALER per server
 (``connect_dealer``). Sends pass NumPy buffers with ``copy=False``; receives return
 ``zmq.Frame`` objects whose memory NumPy can wrap without a copy.
 
 Timeouts are poll based (``recv_frames(sock, timeout_s)``) so callers never block
-for ever; SNDTIMEO bounds a send into a full pipe.
+for ever; SNDTIMEO bounds a send into a full pipe. A DEALER whose server goes away
+reconnects by itself, with ZeroMQ's exponential backoff (``reconnect_ivl_ms``
+doubling up to ``reconnect_ivl_max_ms``); ``monitor`` reports those events.
 """
 
 from __future__ import annotations
@@ -17,10 +19,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from distnet.ps.auth import ClientKeys, ServerKeys, apply_keys
 
 
 class TransportError(RuntimeError):
     """A socket could not be created, bound, connected or used."""
+
+
+class UnsupportedSecurity(TypeError, NotImplementedError):
+    """``security`` is not CURVE keys (NotImplementedError too: what callers caught when
+    no security existed)."""
 
 
 @dataclass(frozen=True)
@@ -41,17 +51,22 @@ class SocketOptions:
     heartbeat_ivl_ms: int = 2000
     heartbeat_timeout_ms: int = 20_000
     heartbeat_ttl_ms: int = 20_000
+    reconnect_ivl_ms: int = 100
+    reconnect_ivl_max_ms: int = 5000
 
 
 DEFAULT_OPTIONS = SocketOptions()
 
 
 def _apply_security(sock: zmq.Socket, security: Any, *, server: bool) -> None:
-    """Hook for CURVE authentication: the single place it will be configured."""
+    """CURVE authentication: the single place it is configured."""
     if security is None:
         return
-    raise NotImplementedError(
-        "socket security (CURVE) is not implemented yet; pass security=None")
+    if not isinstance(security, (ServerKeys, ClientKeys)):
+        raise UnsupportedSecurity(
+            f"security must be CURVE keys (distnet.ps.auth.ServerKeys for a server, "
+            f"ClientKeys for a client), got {type(security).__name__}")
+    apply_keys(sock, security, server=server)
 
 
 def make_socket(kind: int, *, options: SocketOptions = DEFAULT_OPTIONS, security: Any = None,
@@ -65,6 +80,8 @@ def make_socket(kind: int, *, options: SocketOptions = DEFAULT_OPTIONS, security
         sock.setsockopt(zmq.MAXMSGSIZE, options.max_message_bytes)
         sock.setsockopt(zmq.SNDHWM, options.send_hwm)
         sock.setsockopt(zmq.RCVHWM, options.recv_hwm)
+        sock.setsockopt(zmq.RECONNECT_IVL, options.reconnect_ivl_ms)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, options.reconnect_ivl_max_ms)
         if options.heartbeat_ivl_ms > 0:
             sock.setsockopt(zmq.HEARTBEAT_IVL, options.heartbeat_ivl_ms)
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, options.heartbeat_timeout_ms)
@@ -109,17 +126,19 @@ def connect_dealer(address: str, *, options: SocketOptions = DEFAULT_OPTIONS,
 
 
 def send_frames(sock: zmq.Socket, frames: list[Any], *, track: bool = False,
-                ) -> zmq.MessageTracker | None:
+                noblock: bool = False) -> zmq.MessageTracker | None:
     """Send a multipart message without copying its arrays.
 
     With ``track`` the returned tracker says when ZeroMQ has let go of *every*
     buffer, i.e. when they may be modified again (pyzmq's own send_multipart
-    returns the tracker of the last frame only).
+    returns the tracker of the last frame only). With ``noblock`` a full pipe raises
+    zmq.Again at once (a ROUTER checks only the first frame: the rest always follow).
     """
     trackers = []
     last = len(frames) - 1
+    flag = zmq.NOBLOCK if noblock else 0
     for i, frame in enumerate(frames):
-        t = sock.send(frame, zmq.SNDMORE if i < last else 0, copy=False, track=track)
+        t = sock.send(frame, (zmq.SNDMORE if i < last else 0) | flag, copy=False, track=track)
         if track and t is not None:
             trackers.append(t)
     return zmq.MessageTracker(*trackers) if track else None
@@ -139,3 +158,23 @@ def frames_nbytes(frames: list[Any]) -> int:
     for f in frames:
         total += f.nbytes if hasattr(f, "nbytes") else len(f)
     return total
+
+
+# connection events a client acts on: lost, re-established, refused
+MONITOR_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                  | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                  | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
+def monitor(sock: zmq.Socket, events: int = MONITOR_EVENTS) -> zmq.Socket:
+    """A PAIR socket receiving ``sock``'s connection events (read with ``read_events``)."""
+    return sock.get_monitor_socket(events)
+
+
+def read_events(mon: zmq.Socket) -> list[tuple[int, int]]:
+    """Every pending ``(event, value)`` of a monitor socket, without blocking."""
+    out = []
+    while mon.poll(0):
+        msg = recv_monitor_message(mon)
+        out.append((int(msg["event"]), int(msg["value"])))
+    return out

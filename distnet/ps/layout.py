@@ -1,0 +1,96 @@
+"""Reading replies on the worker: the servers' layout, pulled parameters, stats, errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from distnet.ps.protocol import DTYPES, Message
+from distnet.ps.sharding import ShardPlan, gather, key_name, plan_from_layouts
+
+
+class PSError(RuntimeError):
+    """A server answered a request with an error (the text is the server's).
+
+    codes: server id -> the reply's ``code`` (``aborted``, ``timeout``, ``refused``...).
+    """
+
+    def __init__(self, message: str, codes: dict[int, str] | None = None) -> None:
+        super().__init__(message)
+        self.codes = dict(codes or {})
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the servers hold, as ``register`` reports it.
+
+    names: parameter names in order; shapes/dtypes: name -> full shape/dtype;
+    version: the (lowest) server version; plan: which server holds which rows.
+    """
+
+    names: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, np.dtype]
+    version: int
+    plan: ShardPlan
+    mode: str
+    num_workers: int
+    staleness: int
+
+
+def int_keys(stats: dict[str, Any]) -> dict[str, Any]:
+    """Stats maps keyed by worker id or staleness travel with string keys; restore ints."""
+    out = dict(stats)
+    for field in ("clocks", "staleness_hist", "lost"):
+        if isinstance(out.get(field), dict):
+            out[field] = {int(k): v for k, v in out[field].items()}
+    return out
+
+
+def layout_from(replies: list[Message], version: int) -> Layout:
+    """The Layout of every server's ``register`` reply (in server order)."""
+    layouts, dtypes = [], {}
+    for i, m in enumerate(replies):
+        lay = m.header.get("layout")
+        ok = (isinstance(lay, dict) and all(isinstance(lay.get(f), list)
+                                            for f in ("keys", "shapes", "dtypes"))
+              and len(lay["keys"]) == len(lay["shapes"]) == len(lay["dtypes"])
+              and all(d in DTYPES for d in lay["dtypes"]))
+        if not ok:
+            raise PSError(f"server {i} sent a malformed layout in its register reply")
+        layouts.append({k: tuple(s) for k, s in zip(lay["keys"], lay["shapes"], strict=True)})
+        for k, d in zip(lay["keys"], lay["dtypes"], strict=True):
+            dtypes[key_name(k)] = DTYPES[d]
+    plan = plan_from_layouts(layouts)
+    first = replies[0].header["layout"]
+    return Layout(plan.names, dict(plan.shapes), {n: dtypes[n] for n in plan.names}, version,
+                  plan, str(first.get("mode")), int(first.get("num_workers", 0)),
+                  int(first.get("staleness", 0)))
+
+
+def gather_replies(plan: ShardPlan, replies: list[Message], out: dict[str, np.ndarray] | None,
+                   ) -> dict[str, np.ndarray]:
+    """name -> array from every server's pull reply (a 'not modified' server adds nothing:
+    only names whose every piece came back are returned)."""
+    fresh = {i for i, m in enumerate(replies) if not m.header.get("not_modified")}
+    if not fresh:
+        return {}
+    if len(fresh) < len(replies):
+        names = {p.name for p in plan.pieces} - {
+            p.name for p in plan.pieces if p.server not in fresh}
+        plan = ShardPlan(plan.num_servers, {n: s for n, s in plan.shapes.items() if n in names},
+                         tuple(p for p in plan.pieces if p.name in names))
+    per_server = [m.arrays() if i in fresh else {} for i, m in enumerate(replies)]
+    return gather(per_server, plan, out)
+
+
+def raise_errors(op: str, replies: dict[int, Message], addresses: list[str]) -> None:
+    """PSError quoting every server that answered ``op`` with an error (none: nothing)."""
+    bad = {i: m for i, m in sorted(replies.items()) if m.header["status"] == "error"}
+    if bad:
+        text = "; ".join(f"server {i} ({addresses[i]}): {m.header.get('message', '')}"
+                         for i, m in bad.items())
+        raise PSError(f"{op} failed: {text}",
+                      {i: str(m.header.get("code", "")) for i, m in bad.items()})
