@@ -38,7 +38,14 @@ def initial_parameters(config: dict[str, Any]) -> tuple[dict[str, np.ndarray], i
 
 class UpdateSchedule:
     """The run's schedule (``setup.build_schedule_for``: the same one a local run uses) as
-    a function of the server version, which counts ``updates_per_step`` per global step."""
+    a function of the server version, which counts ``updates_per_step`` per global step.
+
+    In async and SSP modes each push is applied on its own, so N workers make N updates
+    per global batch where sync makes one from their average. Each update's rate is
+    divided by ``updates_per_step`` (never multiplied), so the parameters move as far per
+    global batch as in sync mode: with momentum 0.9 and N full-rate updates, async
+    training of the lenet300 recipe diverged.
+    """
 
     def __init__(self, config: dict[str, Any], n_train: int) -> None:
         from distnet.setup import build_schedule_for
@@ -49,11 +56,12 @@ class UpdateSchedule:
             self.updates_per_step = int(config["workers"]) / int(config["push_every"])
         elif config["mode"] == "ssp":
             self.updates_per_step = float(config["workers"])
+        self.scale = 1.0 / max(self.updates_per_step, 1.0)
 
     def __call__(self, version: int) -> float:
         if self.updates_per_step == 1.0:
             return self.base(version)
-        return self.base(int(version / self.updates_per_step))
+        return self.base(int(version / self.updates_per_step)) * self.scale
 
 
 def create_server(config: dict[str, Any], *, server_id: int, num_shards: int,
