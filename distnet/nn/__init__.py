@@ -6,17 +6,22 @@ the contracts (workspaces, ``.grad`` written not added, specs).
 
 from distnet.nn import init
 from distnet.nn.activation import LeakyReLU, ReLU, Sigmoid, Softmax, Tanh
+from distnet.nn.conv import Conv2d
 from distnet.nn.dropout import Dropout
 from distnet.nn.linear import Linear, skip_input_grad
 from distnet.nn.loss import CrossEntropyLoss, Loss, MSELoss, MultiMarginLoss
 from distnet.nn.module import Module, Parameter, Sequential, from_spec
 from distnet.nn.normalization import BatchNorm1d, BatchNorm2d
+from distnet.nn.pool import AvgPool2d, MaxPool2d
 from distnet.nn.recurrent import LSTM
 from distnet.nn.residual import ResidualBlock
 from distnet.nn.shape import Flatten, Normalize
 
 __all__ = [
     "LSTM",
+    "AvgPool2d",
+    "Conv2d",
+    "MaxPool2d",
     "BatchNorm1d",
     "BatchNorm2d",
     "CrossEntropyLoss",
@@ -40,5 +45,3 @@ __all__ = [
     "init",
     "skip_input_grad",
 ]
-
-# Layers from other files are appended below (conv, pooling).
