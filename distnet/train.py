@@ -77,12 +77,13 @@ def fit(model: Module, train: Any, val: Any | None, *, epochs: int, batch_size: 
         criterion: Any, update: Update, seed: int = 0,
         augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
         metrics: MetricsWriter | None = None, progress: bool = True, start_epoch: int = 0,
-        log_every: int = 10, on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+        start_step: int = 0, log_every: int = 10, on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
         desc: str = "train") -> list[dict[str, Any]]:
     """Train for ``epochs`` epochs; returns one summary dict per epoch.
 
     Each epoch shuffles with ``seed`` and the epoch number, so a run is
-    reproducible and a resumed run sees the same batches.
+    reproducible and a resumed run sees the same batches: ``start_step`` skips the
+    global steps already taken (a job restarted from server checkpoints).
     """
     if epochs < 0 or batch_size < 1:
         raise ValueError(f"epochs must be >= 0 and batch size >= 1 (got {epochs}, {batch_size})")
@@ -92,11 +93,17 @@ def fit(model: Module, train: Any, val: Any | None, *, epochs: int, batch_size: 
     history: list[dict[str, Any]] = []
     model.train()
     for epoch in range(start_epoch, start_epoch + epochs):
+        if (epoch + 1) * per_epoch <= start_step:
+            continue  # taken before the restart
         bar = _progress(per_epoch, f"{desc} epoch {epoch + 1}/{start_epoch + epochs}", progress)
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
         for i, (xb, yb) in enumerate(train.batches(batch_size, shuffle=True, seed=seed,
                                                    epoch=epoch)):
             step = epoch * per_epoch + i
+            if step < start_step:
+                if bar is not None:
+                    bar.update(1)
+                continue
             if augment is not None:
                 xb = augment(xb, rng)
             loss = train_step(model, criterion, backend.to_device(xb, device),

@@ -110,7 +110,7 @@ class WorkerSetup:
         model.to(self.device)
         return (model, optimizer, schedule) if with_optimizer else model
 
-    def fit(self, model: Any, update: Any) -> list[dict[str, Any]]:
+    def fit(self, model: Any, update: Any, start_step: int = 0) -> list[dict[str, Any]]:
         from distnet.metrics import MetricsWriter
         from distnet.nn import CrossEntropyLoss
         from distnet.setup import augmentation_for
@@ -124,6 +124,7 @@ class WorkerSetup:
                        criterion=CrossEntropyLoss(), update=update, seed=int(c["seed"]),
                        augment=augmentation_for(c, self.info), metrics=StepMetrics(writer, update),
                        progress=self.is_chief and not c.get("no_progress"),
+                       start_step=start_step,
                        desc=f"{c['mode']} worker {self.worker_id}/{self.world}")
 
 
@@ -178,7 +179,8 @@ def run_worker(config: dict[str, Any], addresses: list[str], *, worker_id: int,
         # start from the servers' parameters (equal to ours by seed, but they are the truth)
         update.version, arrays = client.wait(client.pull(out=update.out))
         update.load(arrays)
-        history = setup.fit(model, update)
+        start = resume_step(config, client, worker_id, update.version)
+        history = setup.fit(model, update, start_step=start)
         update.finish()
         # nobody may stop the servers before every worker's last gradient is in
         client.wait(client.barrier())
@@ -194,6 +196,20 @@ def run_worker(config: dict[str, Any], addresses: list[str], *, worker_id: int,
         return result
     finally:
         client.close()
+
+
+def resume_step(config: dict[str, Any], client: Any, worker_id: int, version: int) -> int:
+    """The global step to continue from when the servers were resumed from a checkpoint
+    (0 for fresh servers): sync makes one version per step; async ``workers/push_every``
+    versions per step; in SSP each worker continues from its own restored clock."""
+    if version <= 0:
+        return 0
+    if config["mode"] == "sync":
+        return version
+    if config["mode"] == "async":
+        return int(version * int(config["push_every"]) / int(config["workers"]))
+    clocks = [int(s.get("clocks", {}).get(worker_id, 0)) for s in client.stats()]
+    return min(clocks) if clocks else 0
 
 
 def finish_chief(config: dict[str, Any], setup: WorkerSetup, model: Any,
