@@ -77,7 +77,8 @@ def fit(model: Module, train: Any, val: Any | None, *, epochs: int, batch_size: 
         criterion: Any, update: Update, seed: int = 0,
         augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
         metrics: MetricsWriter | None = None, progress: bool = True, start_epoch: int = 0,
-        start_step: int = 0, log_every: int = 10, on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+        start_step: int = 0, log_every: int = 10,
+        on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
         desc: str = "train") -> list[dict[str, Any]]:
     """Train for ``epochs`` epochs; returns one summary dict per epoch.
 
