@@ -36,7 +36,7 @@ def _sample(size: int, limit: int, rng: np.random.Generator) -> np.ndarray:
 
 def numerical_grad(f: Callable[[], float], array: np.ndarray, index: np.ndarray,
                    eps: float) -> np.ndarray:
-    """Central differences of ``f`` w.r.t. ``array.flat[index]`` (``array`` is perturbed in place)."""
+    """Central differences of ``f`` w.r.t. ``array.flat[index]`` (perturbed in place)."""
     flat = array.reshape(-1)
     assert np.shares_memory(flat, array), "array must be contiguous to be perturbed in place"
     out = np.empty(len(index))
@@ -92,7 +92,7 @@ def check_module(module: Module, x: np.ndarray, *, seed: int = 0, eps: float = 1
 
 def check_loss(loss_fn: Any, pred: np.ndarray, target: np.ndarray, *, seed: int = 0,
                eps: float = 1e-6, rtol: float = 1e-5, atol: float = 1e-8) -> None:
-    """Assert that ``loss_fn.backward()`` matches numerical gradients of ``loss_fn(pred, target)``."""
+    """Assert that ``loss_fn.backward()`` matches numerical gradients of the loss."""
     rng = np.random.default_rng(seed)
     pred = np.array(pred, dtype=np.float64)
     float(loss_fn(pred, target))

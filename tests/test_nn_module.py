@@ -161,3 +161,13 @@ def test_rebinding_a_buffer_keeps_it_registered():
     bn.running_mean = bn.running_mean + 1.0
     assert "running_mean" in bn.state_dict()
     assert bn.state_dict()["running_mean"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_sequential_setitem_keeps_the_layer_order():
+    from distnet.nn import Linear, ReLU, Sequential, Tanh
+
+    model = Sequential(Linear(4, 3), ReLU(), Linear(3, 2))
+    model[1] = Tanh()
+    assert [type(m).__name__ for m in model] == ["Linear", "Tanh", "Linear"]
+    assert [n for n, _ in model.named_parameters()] == ["0.weight", "0.bias", "2.weight",
+                                                         "2.bias"]

@@ -87,6 +87,10 @@ class Module:
             self._buffers[name] = value
             object.__setattr__(self, name, value)
             return
+        if isinstance(value, Module) and name in self._modules:
+            self._modules[name] = value  # replaced where it stands: order is the architecture
+            object.__setattr__(self, name, value)
+            return
         for table in (self._parameters, self._modules, self._buffers):
             table.pop(name, None)
         if isinstance(value, Parameter):
