@@ -337,3 +337,24 @@ def test_state_moves_with_the_model():
     opt.step()
     assert backend.device_of(opt.state["w"]["momentum_buffer"]) == "cuda"
     np.testing.assert_allclose(backend.to_host(model.w.data), 1 - 0.1 - 0.1 * 1.9)
+
+
+def test_large_parameters_update_in_chunks_exactly_as_in_one_pass():
+    from distnet.optim import sgd
+
+    rng = np.random.default_rng(0)
+    n = 5 * sgd.CHUNK + 123  # chunked path, with a ragged last chunk
+    for nesterov in (False, True):
+        a = Parameter(rng.standard_normal(n).astype(np.float32))
+        b = Parameter(a.data.copy())
+        opt_a = SGD([("w", a)], lr=0.1, momentum=0.9, nesterov=nesterov)
+        opt_b = SGD([("w", b)], lr=0.1, momentum=0.9, nesterov=nesterov)
+        for _ in range(3):
+            g = rng.standard_normal(n).astype(np.float32)
+            a.grad[...] = g
+            b.grad[...] = g
+            opt_a.step()
+            opt_b._apply(b.data, b.grad, np.empty_like(b.data),
+                         opt_b.state.setdefault("w", {}).setdefault(
+                             "momentum_buffer", np.zeros_like(b.data)), xp=np)
+        np.testing.assert_array_equal(a.data, b.data)

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from distnet.nn.module import Parameter
 from distnet.optim.optimizer import Optimizer, _check
+
+# Above this many elements the update runs in chunks that stay in the CPU cache: its
+# four passes then cost one trip through memory instead of four (a parameter server
+# updating 4M floats per step spends most of the step there).
+CHUNK = 1 << 16
 
 
 class SGD(Optimizer):
@@ -39,14 +46,24 @@ class SGD(Optimizer):
 
     def _update(self, name: str, p: Parameter, g: Any, xp: Any) -> None:
         s = self.work(name, "s", p.data)
-        if not self.momentum:
-            p.data += xp.multiply(g, -self.lr, out=s)
+        v = self.state[name]["momentum_buffer"] if self.momentum else None
+        arrays = [a for a in (p.data, g, s, v) if a is not None]
+        if xp is np and p.data.size > 2 * CHUNK and all(a.flags.c_contiguous for a in arrays):
+            flat = [a.reshape(-1) for a in arrays]
+            for i in range(0, p.data.size, CHUNK):
+                self._apply(*(a[i : i + CHUNK] for a in flat), xp=xp)
+        else:
+            self._apply(*arrays, xp=xp)
+
+    def _apply(self, data: Any, g: Any, s: Any, v: Any = None, *, xp: Any) -> None:
+        """One update of ``data`` (in place) from ``g``, with scratch ``s`` and buffer ``v``."""
+        if v is None:
+            data += xp.multiply(g, -self.lr, out=s)
             return
-        v = self.state[name]["momentum_buffer"]
         v *= self.momentum
         v += g
         if self.nesterov:  # p -= lr * (g + mu * v), as two in-place additions
-            p.data += xp.multiply(g, -self.lr, out=s)
-            p.data += xp.multiply(v, -self.lr * self.momentum, out=s)
+            data += xp.multiply(g, -self.lr, out=s)
+            data += xp.multiply(v, -self.lr * self.momentum, out=s)
         else:
-            p.data += xp.multiply(v, -self.lr, out=s)
+            data += xp.multiply(v, -self.lr, out=s)
