@@ -222,7 +222,7 @@ def _ort() -> Any:
         import onnxruntime
     except ImportError:
         raise ExportError("verifying an export needs onnxruntime (pip install onnxruntime, "
-                          "or install distnet's 'dev' extra); verify=False skips it") from None
+                          "or install distnet's 'verify' extra); verify=False skips it") from None
     return onnxruntime
 
 
