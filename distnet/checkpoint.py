@@ -91,6 +91,21 @@ def save_checkpoint(path: str | Path, model: Module, optimizer: Any = None,
     return path
 
 
+def read_verified_npz(path: str | Path, what: str = "checkpoint") -> dict[str, np.ndarray]:
+    """Every array of an npz that distnet wrote, after its SHA-256 trailer and each
+    member's CRC are checked (FileNotFoundError, or CheckpointError naming the problem)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    _verify_digest(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}  # reading every member checks its CRC
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path}: corrupted {what} ({type(exc).__name__}: {exc})"
+                              ) from None
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint written by ``save_checkpoint`` and rebuild its model.
 
@@ -101,15 +116,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     import distnet.nn  # noqa: F401 - registers the layer classes that from_spec looks up
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    _verify_digest(path)
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}  # reading every member checks its CRC
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{path}: corrupted checkpoint ({type(exc).__name__}: {exc})"
-                              ) from None
+    arrays = read_verified_npz(path)
     meta = _parse_meta(path, arrays.pop("meta", None))
     model_state = {k[6:]: v for k, v in arrays.items() if k.startswith("model/")}
     optim_state = {k[6:]: v for k, v in arrays.items() if k.startswith("optim/")}

@@ -22,8 +22,6 @@ import json
 import logging
 import re
 import time
-import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,13 @@ from typing import Any
 import numpy as np
 
 # the model checkpoints' atomic writer and digest check: one implementation of both
-from distnet.checkpoint import CheckpointError, _json_default, _verify_digest, _write_atomic
+from distnet.checkpoint import (
+    CheckpointError,
+    _json_default,
+    _verify_digest,
+    _write_atomic,
+    read_verified_npz,
+)
 
 log = logging.getLogger("distnet.ps.checkpoint")
 FORMAT = "distnet-ps-checkpoint"
@@ -110,14 +114,10 @@ def save(path: Path, server: Any) -> Path:
 def load(path: str | Path) -> ServerCheckpoint:
     """Read and check a server checkpoint (CheckpointError names what is wrong)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"server checkpoint not found: {path}")
-    _verify_digest(path)
+    arrays = read_verified_npz(path, "server checkpoint")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
         meta = json.loads(arrays.pop("meta").tobytes().decode("utf-8"))
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as exc:
+    except (KeyError, ValueError) as exc:
         raise CheckpointError(f"{path}: corrupted server checkpoint ({type(exc).__name__}: "
                               f"{exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
