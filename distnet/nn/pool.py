@@ -81,6 +81,21 @@ class _Pool2d(Module):
         return im2col.as_strided(xp, a, (a.shape[0], a.shape[1], oh, kh, ow, kw),
                                  (s_n, s_c, kh * s_h, s_h, kw * s_w, s_w))
 
+    def _reduce(self, x: Any, ufunc: str) -> tuple[Any, Any, Any, Any, tuple[int, int]]:
+        """Fold every window of ``x`` with ``xp.<ufunc>`` (maximum, add) into the output
+        workspace, one strided pass per kernel offset; returns what backward needs too."""
+        xp, src, win, (oh, ow) = self._prepare(x)
+        out = im2col.layout_like(self, "out", src, x.shape[:2] + (oh, ow), x.dtype, xp)
+        fold = getattr(xp, ufunc)
+        offsets = self._offsets()
+        if len(offsets) == 1:
+            xp.copyto(out, win[..., 0, 0])
+        else:
+            fold(win[..., 0, 0], win[..., offsets[1][0], offsets[1][1]], out=out)
+        for i, j in offsets[2:]:
+            fold(out, win[..., i, j], out=out)
+        return xp, src, win, out, (oh, ow)
+
     def _offsets(self) -> list[tuple[int, int]]:
         return [(i, j) for i in range(self.kernel_size[0]) for j in range(self.kernel_size[1])]
 
@@ -126,15 +141,7 @@ class MaxPool2d(_Pool2d):
     _pad_value = -np.inf
 
     def forward(self, x: Any) -> Any:
-        xp, src, win, (oh, ow) = self._prepare(x)
-        out = im2col.layout_like(self, "out", src, x.shape[:2] + (oh, ow), x.dtype, xp)
-        offsets = self._offsets()
-        if len(offsets) == 1:
-            xp.copyto(out, win[..., 0, 0])
-        else:
-            xp.maximum(win[..., 0, 0], win[..., offsets[1][0], offsets[1][1]], out=out)
-        for i, j in offsets[2:]:
-            xp.maximum(out, win[..., i, j], out=out)
+        xp, src, win, out, _ = self._reduce(x, "maximum")
         self._saved = {"x_shape": tuple(x.shape), "src": src, "win": win, "out": out,
                        "out_shape": tuple(out.shape), "out_strides": out.strides,
                        "dtype": out.dtype}
@@ -219,15 +226,7 @@ class AvgPool2d(_Pool2d):
         return self._scales[key]
 
     def forward(self, x: Any) -> Any:
-        xp, src, win, (oh, ow) = self._prepare(x)
-        out = im2col.layout_like(self, "out", src, x.shape[:2] + (oh, ow), x.dtype, xp)
-        offsets = self._offsets()
-        if len(offsets) == 1:
-            xp.copyto(out, win[..., 0, 0])
-        else:
-            xp.add(win[..., 0, 0], win[..., offsets[1][0], offsets[1][1]], out=out)
-        for i, j in offsets[2:]:
-            xp.add(out, win[..., i, j], out=out)
+        xp, src, _, out, (oh, ow) = self._reduce(x, "add")
         scale = self._scale(xp, tuple(x.shape), oh, ow, x.dtype)
         xp.multiply(out, scale, out=out)
         self._saved = {"x_shape": tuple(x.shape), "src": src, "scale": scale,
