@@ -96,6 +96,11 @@ class _Pool2d(Module):
             fold(out, win[..., i, j], out=out)
         return xp, src, win, out, (oh, ow)
 
+    def _save(self, x: Any, src: Any, result: Any, **extra: Any) -> None:
+        """What backward needs: shapes and layout of the output, plus ``extra``."""
+        self._saved = {"x_shape": tuple(x.shape), "src": src, "out_shape": tuple(result.shape),
+                       "out_strides": result.strides, "dtype": result.dtype, **extra}
+
     def _offsets(self) -> list[tuple[int, int]]:
         return [(i, j) for i in range(self.kernel_size[0]) for j in range(self.kernel_size[1])]
 
@@ -141,10 +146,8 @@ class MaxPool2d(_Pool2d):
     _pad_value = -np.inf
 
     def forward(self, x: Any) -> Any:
-        xp, src, win, out, _ = self._reduce(x, "maximum")
-        self._saved = {"x_shape": tuple(x.shape), "src": src, "win": win, "out": out,
-                       "out_shape": tuple(out.shape), "out_strides": out.strides,
-                       "dtype": out.dtype}
+        _, src, win, out, _ = self._reduce(x, "maximum")
+        self._save(x, src, out, win=win, out=out)
         return out
 
     def backward(self, grad_out: Any) -> Any:
@@ -229,9 +232,7 @@ class AvgPool2d(_Pool2d):
         xp, src, _, out, (oh, ow) = self._reduce(x, "add")
         scale = self._scale(xp, tuple(x.shape), oh, ow, x.dtype)
         xp.multiply(out, scale, out=out)
-        self._saved = {"x_shape": tuple(x.shape), "src": src, "scale": scale,
-                       "out_shape": tuple(out.shape), "out_strides": out.strides,
-                       "dtype": out.dtype}
+        self._save(x, src, out, scale=scale)
         return out
 
     def backward(self, grad_out: Any) -> Any:
