@@ -104,24 +104,27 @@ def bind_router(address: str = "tcp://127.0.0.1:0", *, options: SocketOptions = 
     ``tcp://HOST:0`` picks a free port and the returned endpoint names it;
     ``tcp://*:PORT`` binds every interface (reported as ``tcp://0.0.0.0:PORT``).
     """
-    sock = make_socket(zmq.ROUTER, options=options, security=security, context=context)
-    try:
-        sock.bind(address)
-    except zmq.ZMQError as exc:
-        sock.close(linger=0)
-        raise TransportError(f"cannot bind {address}: {exc}") from None
+    sock = _attached(zmq.ROUTER, "bind", address, options, security, context)
     return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
 def connect_dealer(address: str, *, options: SocketOptions = DEFAULT_OPTIONS,
                    security: Any = None, context: zmq.Context | None = None) -> zmq.Socket:
     """A DEALER connected to ``address`` (the connection completes in the background)."""
-    sock = make_socket(zmq.DEALER, options=options, security=security, context=context)
+    return _attached(zmq.DEALER, "connect", address, options, security, context)
+
+
+def _attached(kind: int, verb: str, address: str, options: SocketOptions, security: Any,
+              context: zmq.Context | None) -> zmq.Socket:
+    """A socket of ``kind`` that has ``bind``/``connect``-ed to ``address``, or a
+    TransportError naming the address (the half-made socket is closed)."""
+    sock = make_socket(kind, options=options, security=security, context=context)
     try:
-        sock.connect(address)
+        getattr(sock, verb)(address)
     except zmq.ZMQError as exc:
         sock.close(linger=0)
-        raise TransportError(f"cannot connect to {address}: {exc}") from None
+        where = f"to {address}" if verb == "connect" else address
+        raise TransportError(f"cannot {verb} {where}: {exc}") from None
     return sock
 
 
