@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from bench_step import median_time  # the benchmarks folder is on sys.path when run
 
 from compression import dcz, huffman
 from compression.prune import prune_model
@@ -38,15 +37,6 @@ PRESETS = {
                "weight_decay": 5e-4, "share_bits": "conv=8,fc=5,fc1=4", "finetune_epochs": 3,
                "finetune_lr": 1e-4},
 }
-
-
-def median_time(fn: Callable[[], object], reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def kernels(reps: int) -> list[dict[str, object]]:
