@@ -4,15 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from distnet.nn.module import Parameter
+from distnet.optim.blas import axpy, scal
 from distnet.optim.optimizer import Optimizer, _check
-
-# Above this many elements the update runs in chunks that stay in the CPU cache: its
-# four passes then cost one trip through memory instead of four (a parameter server
-# updating 4M floats per step spends most of the step there).
-CHUNK = 1 << 16
 
 
 class SGD(Optimizer):
@@ -22,8 +16,8 @@ class SGD(Optimizer):
     so its first value is ``g``, as in PyTorch. ``g`` already includes weight decay
     and clipping (see ``Optimizer``). Slot: ``momentum_buffer`` (when momentum > 0).
 
-    Each step is four in-place passes over the parameter (two without momentum):
-    no array is allocated after the first step.
+    Each step is three in-place BLAS passes over the parameter (one without momentum,
+    four with Nesterov): no array is allocated after the first step.
     """
 
     name = "sgd"
@@ -45,25 +39,17 @@ class SGD(Optimizer):
         return {"momentum": self.momentum, "nesterov": self.nesterov}
 
     def _update(self, name: str, p: Parameter, g: Any, xp: Any) -> None:
-        s = self.work(name, "s", p.data)
-        v = self.state[name]["momentum_buffer"] if self.momentum else None
-        arrays = [a for a in (p.data, g, s, v) if a is not None]
-        if xp is np and p.data.size > 2 * CHUNK and all(a.flags.c_contiguous for a in arrays):
-            flat = [a.reshape(-1) for a in arrays]
-            for i in range(0, p.data.size, CHUNK):
-                self._apply(*(a[i : i + CHUNK] for a in flat), xp=xp)
-        else:
-            self._apply(*arrays, xp=xp)
-
-    def _apply(self, data: Any, g: Any, s: Any, v: Any = None, *, xp: Any) -> None:
-        """One update of ``data`` (in place) from ``g``, with scratch ``s`` and buffer ``v``."""
-        if v is None:
-            data += xp.multiply(g, -self.lr, out=s)
+        # in-place BLAS passes (blas.py): p and v are read and written once per pass, with
+        # no temporary; the scratch is only touched where BLAS does not apply (CuPy)
+        data, s = p.data, self.work(name, "s", p.data)
+        if not self.momentum:
+            axpy(-self.lr, g, data, s)
             return
-        v *= self.momentum
-        v += g
-        if self.nesterov:  # p -= lr * (g + mu * v), as two in-place additions
-            data += xp.multiply(g, -self.lr, out=s)
-            data += xp.multiply(v, -self.lr * self.momentum, out=s)
+        v = self.state[name]["momentum_buffer"]
+        scal(self.momentum, v)
+        axpy(1.0, g, v, s)
+        if self.nesterov:  # p -= lr * (g + mu * v)
+            axpy(-self.lr, g, data, s)
+            axpy(-self.lr * self.momentum, v, data, s)
         else:
-            data += xp.multiply(v, -self.lr, out=s)
+            axpy(-self.lr, v, data, s)
