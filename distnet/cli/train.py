@@ -63,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="address(es) of running servers (distnet serve), comma-separated")
     g.add_argument("--push-every", type=int, default=1, help="async: push every N steps")
     g.add_argument("--pull-every", type=int, default=1, help="async: pull every N steps")
+    g.add_argument("--pull-overlap", action=argparse.BooleanOptionalAction, default=True,
+                   help="async: let a pull overlap the next step (faster; gradients one "
+                        "update staler); --no-pull-overlap waits for it at once")
     g.add_argument("--staleness", type=int, default=2, help="ssp: staleness bound s")
     g.add_argument("--staleness-lr", action="store_true",
                    help="async: scale the learning rate by 1/(1+staleness)")

@@ -6,7 +6,9 @@ Called by ``distnet.train.fit`` as ``update(step)``:
   into ``Parameter.data`` in place.
 * ``AsyncUpdate``: gradients accumulate for ``push_every`` steps, then go out in
   one push; a pull is sent every ``pull_every`` steps and waited for only after
-  the next forward/backward, so the transfer overlaps computation (tickets).
+  the next forward/backward, so the transfer overlaps computation (tickets), or
+  at once with ``pull_overlap`` off: no overlap, but the next gradient is computed
+  on parameters that include this worker's own last push (one update less stale).
 * ``SSPUpdate``: push and ``clock`` every step; the server holds the clock reply
   while this worker is more than ``staleness`` clocks ahead of the slowest, and
   the worker pulls when its cached parameters are older than that bound allows
@@ -101,6 +103,7 @@ class AsyncUpdate(PSUpdate):
         super().__init__(*args, **kwargs)
         self.push_every, self.pull_every = int(self.config["push_every"]), int(
             self.config["pull_every"])
+        self.overlap = bool(self.config.get("pull_overlap", True))
         # two gradient buffers: one in flight (sent without a copy), one accumulating
         self.buffers = [{n: np.zeros(p.shape, np.float32) for n, p in self.params.items()}
                         for _ in range(2)]
@@ -123,13 +126,19 @@ class AsyncUpdate(PSUpdate):
         if self.count == self.push_every:
             self._push()
         if self.pull_ticket is not None:  # sent one step ago: it overlapped this step's compute
-            (version, arrays), _ = self.wait(self.pull_ticket, "pull_wait_ms")
-            self.pull_ticket = None
-            if arrays:
-                self.version = version
-                self.load(arrays)
+            self._take_pull()
         if (step + 1) % self.pull_every == 0:
+            # sent after the push on the same socket: the server answers it with that push applied
             self.pull_ticket = self.client.pull(since_version=self.version, out=self.out)
+            if not self.overlap:
+                self._take_pull()
+
+    def _take_pull(self) -> None:
+        (version, arrays), _ = self.wait(self.pull_ticket, "pull_wait_ms")
+        self.pull_ticket = None
+        if arrays:
+            self.version = version
+            self.load(arrays)
 
     def _push(self) -> None:
         buf = self.buffers[self.current]
@@ -157,8 +166,7 @@ class AsyncUpdate(PSUpdate):
         for i in (0, 1):
             self._settle(i)
         if self.pull_ticket is not None:
-            self.wait(self.pull_ticket, "pull_wait_ms")
-            self.pull_ticket = None
+            self._take_pull()
 
 
 class SSPUpdate(PSUpdate):
