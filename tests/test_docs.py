@@ -16,6 +16,7 @@ import importlib.util
 import io
 import re
 import shlex
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -276,10 +277,15 @@ def test_train_and_serve_agree_in_shared_job_files():
 
 
 def _bench_presets() -> dict:
-    spec = importlib.util.spec_from_file_location(
-        "bench_compression", ROOT / "benchmarks" / "bench_compression.py")
+    bench = ROOT / "benchmarks"
+    spec = importlib.util.spec_from_file_location("bench_compression",
+                                                  bench / "bench_compression.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(bench))  # as when it runs as a script: it imports bench_step
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(bench))
     return module.PRESETS
 
 
