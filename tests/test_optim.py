@@ -378,3 +378,16 @@ def test_large_sgd_steps_match_the_formula():
             v = 0.9 * v + g
             ref -= 0.1 * (g + 0.9 * v if nesterov else v)
         np.testing.assert_allclose(p.data, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_scipy_private_blas_runs_on_the_calling_thread_only():
+    # two OpenBLAS pools spinning on the same cores made a lenet300 step 6x slower
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from distnet.optim.blas import axpy
+
+    axpy(1.0, np.ones(8, np.float32), np.ones(8, np.float32))
+    private = [lib for lib in threadpoolctl.threadpool_info()
+               if "scipy.libs" in lib["filepath"].replace("\\", "/").split("/")]
+    if not private:
+        pytest.skip("SciPy shares NumPy's BLAS here: nothing to limit")
+    assert all(lib["num_threads"] == 1 for lib in private), private
