@@ -4,6 +4,8 @@ One round trip = a worker sends a 16 MB float32 gradient and gets 16 MB of
 parameters back:
 
 - raw:  DEALER -> ROUTER that echoes the same frames (copy=False both ways);
+- raw, held: the same echo, but the server busy-waits ``--hold-ms`` before each
+        reply (what any server-side work costs the round trip, with no work);
 - ps:   PSClient.push_pull -> ParameterServer (validation, NaN check, SGD with
         momentum applied in place) -> the new parameters.
 
@@ -26,15 +28,18 @@ import numpy as np
 import zmq
 
 
-def _echo_server(queue) -> None:
+def _echo_server(queue, hold_s: float = 0.0) -> None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.bind("tcp://127.0.0.1:0")
     queue.put(sock.getsockopt_string(zmq.LAST_ENDPOINT))
     while True:
         frames = sock.recv_multipart(copy=False)
-        if frames[1].bytes == b"stop":
+        if frames[-1].bytes == b"stop":
             break
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < hold_s:  # busy, like a server computing
+            pass
         sock.send_multipart(frames, copy=False)
     sock.close(linger=1000)
 
@@ -50,7 +55,10 @@ class _NoUpdate:
 
 
 def _ps_server(queue, n: int, optimizer: str, mode: str) -> None:
+    from distnet.optim.blas import limit_threads
     from distnet.ps import ParameterServer
+
+    limit_threads(1)  # as distnet's server processes do (dist/server_role.serve)
 
     params = {"w": np.zeros(n, np.float32)}
     server = ParameterServer(params, optimizer=_NoUpdate if optimizer == "none" else optimizer,
@@ -110,6 +118,8 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=4, help="alternating blocks per method")
     ap.add_argument("--optimizer", default="momentum")
     ap.add_argument("--mode", default="sync", choices=["sync", "async"])
+    ap.add_argument("--hold-ms", type=float, default=3.0,
+                    help="how long the held echo busy-waits before each reply")
     args = ap.parse_args()
 
     from distnet.ps import PSClient
@@ -117,11 +127,13 @@ def main() -> None:
     n = int(args.mb * 1e6 / 4)
     grad = np.random.default_rng(1).standard_normal(n).astype(np.float32) * 1e-3
     echo_proc, echo_addr = _start(_echo_server)
+    held_proc, held_addr = _start(_echo_server, args.hold_ms / 1e3)
     ps_proc, ps_addr = _start(_ps_server, n, args.optimizer, args.mode)
     bare_proc, bare_addr = _start(_ps_server, n, "none", args.mode)
     ctx = zmq.Context.instance()
-    raw = ctx.socket(zmq.DEALER)
+    raw, held = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
     raw.connect(echo_addr)
+    held.connect(held_addr)
     clients = [PSClient([addr], 0, timeout=60) for addr in (ps_addr, bare_addr)]
     versions = []
     for c in clients:
@@ -129,11 +141,13 @@ def main() -> None:
         versions.append(c.wait(c.pull())[0])
 
     _time_raw(raw, grad, 3)  # warm up connections and page in buffers
+    _time_raw(held, grad, 3)
     for i, c in enumerate(clients):
         _, versions[i] = _time_ps(c, grad, 3, versions[i])
-    raw_t, ps_t, bare_t, block_ratios = [], [], [], []
+    raw_t, held_t, ps_t, bare_t, block_ratios = [], [], [], [], []
     for _ in range(args.blocks):
         r = _time_raw(raw, grad, args.iters)
+        held_t += _time_raw(held, grad, args.iters)
         p, versions[0] = _time_ps(clients[0], grad, args.iters, versions[0])
         b, versions[1] = _time_ps(clients[1], grad, args.iters, versions[1])
         raw_t, ps_t, bare_t = raw_t + r, ps_t + p, bare_t + b
@@ -143,14 +157,16 @@ def main() -> None:
     for c in clients:
         c.shutdown()
         c.close()
-    raw.send_multipart([b"h", b"stop"])
-    raw.close(linger=1000)
-    for proc in (echo_proc, ps_proc, bare_proc):
+    for sock in (raw, held):
+        sock.send_multipart([b"h", b"stop"])
+        sock.close(linger=1000)
+    for proc in (echo_proc, held_proc, ps_proc, bare_proc):
         proc.join(10)
 
     nbytes = 2 * grad.nbytes  # there and back
-    rows = [("raw pyzmq echo (DEALER/ROUTER)", raw_t), (f"ps push_pull ({args.optimizer}, "
-                                                       f"{args.mode})", ps_t),
+    rows = [("raw pyzmq echo (DEALER/ROUTER)", raw_t),
+            (f"raw echo, reply held {args.hold_ms:g} ms (busy)", held_t),
+            (f"ps push_pull ({args.optimizer}, {args.mode})", ps_t),
             ("ps push_pull (no-op optimizer)", bare_t),
             (f"{args.optimizer} step alone (4M floats)", upd_t)]
     print(f"\n{grad.nbytes / 1e6:.1f} MB float32 each way over tcp://127.0.0.1, "
@@ -168,6 +184,8 @@ def main() -> None:
     print(f"median of per-block ratios (adjacent in time):     "
           f"{statistics.median(block_ratios):.1%}")
     print(f"without the optimizer update (PS machinery only):  {bare:.1%}")
+    print(f"raw echo holding each reply {args.hold_ms:g} ms:            "
+          f"{statistics.median(raw_t) / statistics.median(held_t):.1%}")
     print(f"server-side optimizer step, mean: "
           f"{stats['update_seconds'] / max(1, stats['version']) * 1e3:.2f} ms")
     print(f"server: version {stats['version']}, rejected {stats['rejected']}, "

@@ -72,3 +72,15 @@ def scal(a: float, x: Any) -> None:
         _routine(_KINDS[x.dtype] + "scal")(a, x.reshape(-1))
     else:
         x *= a
+
+
+def limit_threads(n: int) -> None:
+    """Limit every BLAS library in this process (NumPy's and SciPy's) to ``n`` threads.
+
+    For a process that only serves parameters: its BLAS work is level 1, bound by
+    memory, and idle BLAS threads spinning on the cores slow ZeroMQ's I/O threads.
+    """
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+
+    _scipy_blas()  # loaded first, so that its copy is limited too
+    threadpool_limits(n, user_api="blas")
