@@ -30,19 +30,15 @@ one seed. Each job takes 4-8 s here; the module ~1 min.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-from distnet.dist.launcher import kill_group
+from procs import run
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
 BUDGET = ["--model", "lenet300", "--workers", "2", "--val-size", "1000", "--epochs", "8",
           "--batch-size", "128", "--augment", "none", "--optimizer", "sgd",
           "--momentum", "0", "--lr", "0.2", "--schedule", "cosine", "--no-progress",
@@ -60,17 +56,7 @@ def train(mode: str, mnist: Path, run_dir: Path, *extra: str) -> dict[str, Any]:
     """``distnet train --mode MODE`` with the shared budget; the chief's result."""
     cmd = [sys.executable, "-m", "distnet.cli.main", "train", "--mode", mode,
            "--data", f"mnist:{mnist}", *BUDGET, *extra, "--run-dir", str(run_dir)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1",
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, env=env, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=JOB_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{mode} job took more than {JOB_TIMEOUT:g}s: {' '.join(cmd)}")
-    finally:
-        kill_group(proc)  # no rank outlives the test, whatever happened
-    assert proc.returncode == 0, f"{mode} job failed:\n{err[-3000:]}"
+    run(cmd, JOB_TIMEOUT, env={"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})
     return json.loads((run_dir / "result.json").read_text())
 
 
