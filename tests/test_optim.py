@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -391,3 +393,15 @@ def test_scipy_private_blas_runs_on_the_calling_thread_only():
     if not private:
         pytest.skip("SciPy shares NumPy's BLAS here: nothing to limit")
     assert all(lib["num_threads"] == 1 for lib in private), private
+
+
+def test_limit_threads_covers_numpy_and_scipy_blas():
+    # in a child process: the limit is process-wide and would slow the rest of the suite
+    code = ("from distnet.optim.blas import limit_threads\n"
+            "from threadpoolctl import threadpool_info\n"
+            "limit_threads(1)\n"
+            "print(sorted({i['num_threads'] for i in threadpool_info()"
+            " if i['user_api'] == 'blas'}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert out.strip() == "[1]"
