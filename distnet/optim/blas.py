@@ -1,10 +1,10 @@
 """In-place level-1 BLAS (``axpy``, ``scal``) for the optimizers' updates.
 
 Why: ``p += -lr * v`` in NumPy is two passes over memory and a scratch array;
-BLAS ``axpy`` is one pass, in place, and threaded. For a 4M-float momentum step
-(``benchmarks/bench_ps_throughput.py``'s server) that is 1.1-2.0 ms against
-3.2 ms for the NumPy expressions, and the step is what a parameter server spends
-its time on between receiving a gradient and replying.
+BLAS ``axpy`` is one pass, in place. For a 4M-float momentum step
+(``benchmarks/bench_ps_throughput.py``'s server) that is 2.0 ms on one thread
+against 3.2 ms for the NumPy expressions, and the step is what a parameter server
+spends its time on between receiving a gradient and replying.
 
 The BLAS path is taken for NumPy float32/float64 arrays that are C-contiguous and
 of one dtype (SciPy's f2py wrappers then work on the arrays themselves, never a
