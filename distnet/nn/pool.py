@@ -104,9 +104,11 @@ class _Pool2d(Module):
     def _offsets(self) -> list[tuple[int, int]]:
         return [(i, j) for i in range(self.kernel_size[0]) for j in range(self.kernel_size[1])]
 
-    def _grad_buffers(self, xp: Any, grad_out: Any) -> tuple[Any, Any, Any]:
-        """(grad_out in the output's memory order, grad w.r.t. the padded source, its window
-        view); the source grad is zeroed unless backward overwrites all of it."""
+    def _grad_buffers(self, grad_out: Any) -> tuple[Any, Any, Any, Any]:
+        """(array module, grad_out in the output's memory order, grad w.r.t. the padded
+        source, its window view); the source grad is zeroed unless backward overwrites all
+        of it."""
+        xp = backend.get_array_module(grad_out)
         saved = self._saved
         if saved is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
@@ -123,7 +125,7 @@ class _Pool2d(Module):
         kh, kw = self.kernel_size
         if not (self._disjoint() and oh * kh == src.shape[2] and ow * kw == src.shape[3]):
             grad_src.fill(0)
-        return grad_out, grad_src, self._windows(xp, grad_src, oh, ow)
+        return xp, grad_out, grad_src, self._windows(xp, grad_src, oh, ow)
 
     def _unpad(self, grad_src: Any) -> Any:
         ph, pw = self.padding
@@ -153,8 +155,7 @@ class MaxPool2d(_Pool2d):
     def backward(self, grad_out: Any) -> Any:
         if grad_out is None or not self.input_grad:
             return None
-        xp = backend.get_array_module(grad_out)
-        grad_out, grad_src, grad_win = self._grad_buffers(xp, grad_out)
+        xp, grad_out, grad_src, grad_win = self._grad_buffers(grad_out)
         saved = self._saved
         src, win, out = saved["src"], saved["win"], saved["out"]
         oh, ow = out.shape[2:]
@@ -238,8 +239,7 @@ class AvgPool2d(_Pool2d):
     def backward(self, grad_out: Any) -> Any:
         if grad_out is None or not self.input_grad:
             return None
-        xp = backend.get_array_module(grad_out)
-        grad_out, grad_src, grad_win = self._grad_buffers(xp, grad_out)
+        xp, grad_out, grad_src, grad_win = self._grad_buffers(grad_out)
         scale = self._saved["scale"]
         if self._disjoint():  # scale is a scalar here: one broadcast op
             oh, ow = grad_out.shape[2:]
