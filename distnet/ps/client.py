@@ -28,7 +28,10 @@ the op, the silent servers and the state of their connections.
 Arrays passed to ``push``/``push_pull`` are sent without a copy: do not modify them
 until ``wait`` on that ticket returns (they may be sent again until then). Pulled
 arrays are zero-copy views of the received frames unless ``out=`` names arrays
-(e.g. the model's parameters) to copy into.
+(e.g. the model's parameters) to copy into. With several shards each reply is
+copied into ``out`` as it arrives, overlapping the copy with the other shards'
+transfers; if one shard answers with an error, the shards that succeeded have
+already been copied (``out`` then holds what every server holds).
 """
 
 from __future__ import annotations
@@ -45,7 +48,15 @@ import zmq
 from distnet import backend
 from distnet.ps.auth import ClientKeys, client_keys
 from distnet.ps.codecs import build_codec
-from distnet.ps.layout import Layout, PSError, gather_replies, int_keys, layout_from, raise_errors
+from distnet.ps.layout import (
+    Layout,
+    PSError,
+    gather_replies,
+    int_keys,
+    layout_from,
+    raise_errors,
+    scatter_reply,
+)
 from distnet.ps.links import Heartbeat, ServerLinks
 from distnet.ps.protocol import DEFAULT_LIMITS, Entry, Limits, Message, ProtocolError, decode
 from distnet.ps.protocol import encode as encode_message
@@ -78,6 +89,7 @@ class Ticket:
     sent_gen: dict[int, int] = field(default_factory=dict)
     resends: int = 0
     reregistered: bool = False
+    copied: set[int] = field(default_factory=set)  # servers whose reply is in ``out`` already
 
 
 class PSClient:
@@ -333,6 +345,10 @@ class PSClient:
                 self.unmatched_replies += 1  # a late reply to a resent or abandoned request
                 continue
             ticket.replies[i] = msg
+            if ticket.out is not None and len(ticket.servers) > 1 \
+                    and ticket.op in ("pull", "push_pull") \
+                    and scatter_reply(self._need_layout().plan, i, msg, ticket.out):
+                ticket.copied.add(i)  # copied while the other shards' replies still arrive
 
     def _result(self, ticket: Ticket) -> Any:
         raise_errors(ticket.op, ticket.replies, self.addresses)
@@ -341,7 +357,8 @@ class PSClient:
         if ticket.op == "register":
             return layout_from(replies, version)
         if ticket.op in ("pull", "push_pull"):
-            return version, gather_replies(self._need_layout().plan, replies, ticket.out)
+            return version, gather_replies(self._need_layout().plan, replies, ticket.out,
+                                           ticket.copied)
         if ticket.op == "push":
             return version
         if ticket.op == "clock":

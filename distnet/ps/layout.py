@@ -70,10 +70,28 @@ def layout_from(replies: list[Message], version: int) -> Layout:
                   int(first.get("staleness", 0)))
 
 
+def scatter_reply(plan: ShardPlan, server: int, msg: Message,
+                  out: dict[str, np.ndarray]) -> bool:
+    """Copy server ``server``'s parameters from its pull reply into ``out`` (the names
+    ``out`` has) as soon as the reply is in, while other servers' replies still arrive.
+    False when there was nothing to copy (an error or 'not modified' reply)."""
+    if msg.header.get("status") != "ok" or msg.header.get("not_modified"):
+        return False
+    arrays = msg.arrays()
+    for p in plan.server_pieces(server):
+        target = out.get(p.name)
+        if target is not None and p.split:
+            target[p.start:p.stop] = arrays[p.key]
+        elif target is not None:
+            target[...] = arrays[p.key]
+    return True
+
+
 def gather_replies(plan: ShardPlan, replies: list[Message], out: dict[str, np.ndarray] | None,
-                   ) -> dict[str, np.ndarray]:
+                   copied: frozenset[int] | set[int] = frozenset()) -> dict[str, np.ndarray]:
     """name -> array from every server's pull reply (a 'not modified' server adds nothing:
-    only names whose every piece came back are returned)."""
+    only names whose every piece came back are returned). ``copied``: servers whose
+    replies ``scatter_reply`` has already copied into ``out``."""
     fresh = {i for i, m in enumerate(replies) if not m.header.get("not_modified")}
     if not fresh:
         return {}
@@ -83,7 +101,11 @@ def gather_replies(plan: ShardPlan, replies: list[Message], out: dict[str, np.nd
         plan = ShardPlan(plan.num_servers, {n: s for n, s in plan.shapes.items() if n in names},
                          tuple(p for p in plan.pieces if p.name in names))
     per_server = [m.arrays() if i in fresh else {} for i, m in enumerate(replies)]
-    return gather(per_server, plan, out)
+    if not copied or out is None:
+        return gather(per_server, plan, out)
+    rest = tuple(p for p in plan.pieces if p.server not in copied or p.name not in out)
+    result = gather(per_server, ShardPlan(plan.num_servers, plan.shapes, rest), out)
+    return {n: result[n] if n in result else out[n] for n in plan.names}
 
 
 def raise_errors(op: str, replies: dict[int, Message], addresses: list[str]) -> None:

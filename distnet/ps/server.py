@@ -26,7 +26,6 @@ crash; without CURVE keys (``security``) the server only listens locally.
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from collections import Counter
@@ -41,6 +40,7 @@ import zmq
 from distnet.ps import checkpoint as ckpt
 from distnet.ps.auth import ServerKeys, ZapHandler, check_bind_address, server_keys
 from distnet.ps.consistency import Consistency
+from distnet.ps.group import serve_shards
 from distnet.ps.ops import RequestError, ServerOps
 from distnet.ps.protocol import (
     DEFAULT_LIMITS,
@@ -63,7 +63,6 @@ from distnet.ps.transport import (
 )
 
 log = logging.getLogger("distnet.ps.server")
-_POLL_S = 0.05  # how often an idle loop looks at stop(), deadlines and heartbeats
 _BATCH = 64  # messages handled per poll when they queue up
 _INFLIGHT_WAIT_S = 1.0  # how long an update waits for a parameter reply still being sent
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -165,38 +164,9 @@ class ParameterServer(ServerOps):
     # ---- running ----------------------------------------------------------------------
     def run(self, *, handle_signals: bool = True) -> None:
         """Serve until ``shutdown``, ``stop()``, SIGTERM (main thread, when no handler is
-        installed yet) or an abort; writes the stop checkpoint and closes the sockets."""
-        self._ran = True
-        previous = self._catch_sigterm() if handle_signals else None
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
-        poller.register(self._monitor, zmq.POLLIN)
-        try:
-            while not self._stop.is_set():
-                now = time.monotonic()
-                if self.abort_reason is not None and now >= self._abort_at:
-                    break
-                deadline = self.consistency.next_deadline()
-                wait = _POLL_S if deadline is None else min(_POLL_S, max(0.0, deadline - now))
-                ready = dict(poller.poll(int(wait * 1000)))
-                if self._sock in ready:
-                    self._receive()
-                if self._monitor in ready:
-                    self._note_handshakes()
-                now = time.monotonic()
-                self._expire(now)
-                self._check_liveness(now)
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-            self._finish()
-
-    def _catch_sigterm(self) -> Any:
-        if threading.current_thread() is not threading.main_thread():
-            return None
-        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-            return None  # someone (distnet serve) handles it already and calls stop()
-        return signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        installed yet) or an abort; writes the stop checkpoint and closes the sockets.
+        The loop is ``group.serve_shards``, which serves several shards alike."""
+        serve_shards([self], handle_signals=handle_signals)
 
     def _finish(self) -> None:
         if self.checkpoints.on_stop:
@@ -212,6 +182,18 @@ class ParameterServer(ServerOps):
         stopped = self._zap is None or self._zap.stop()
         if self._context is not None and stopped:  # term() would wait for the ZAP socket
             self._context.term()
+
+    def bind_local(self) -> str | None:
+        """Also listen on an ``inproc://`` endpoint, for a worker in this process (a server
+        co-located with a worker, ``--colocate``): its requests and replies then pass by
+        reference, with no copy, no system call and no I/O thread. Returns the endpoint,
+        or None for a secured server, whose socket lives in a private context that no
+        other socket shares (its co-located worker connects over TCP like the others)."""
+        if self._context is not None:
+            return None
+        endpoint = f"inproc://distnet-ps-{self.server_id}-{id(self):x}"
+        self._sock.bind(endpoint)
+        return endpoint
 
     def start_thread(self) -> threading.Thread:
         """Run the loop in a daemon thread (tests, single-process demos)."""
