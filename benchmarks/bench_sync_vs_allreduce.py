@@ -57,56 +57,68 @@ def epoch_step_times(run: Run) -> list[float]:
 
 
 # ---- part 1: real jobs -------------------------------------------------------------------
+# name -> (mode, extra options, table label); every variant runs in every round
+VARIANTS = {"sync": ("sync", (), "sync (server rank)"),
+            "colocated": ("sync", ("--colocate",), "sync --colocate"),
+            "allreduce": ("allreduce", (), "allreduce (MPI)")}
+
+
 def bench_jobs(a: argparse.Namespace, tmp: Path) -> None:
     """Table 1: per-step times of real 2-worker sync and allreduce jobs, alternating."""
-    modes = ("sync", "allreduce")
-    times: dict[str, list[float]] = {m: [] for m in modes}
-    comm: dict[str, list[float]] = {m: [] for m in modes}
-    cpu: dict[str, list[float]] = {m: [] for m in modes}
-    setup: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
-    per_epoch: dict[str, list[float]] = {m: [] for m in modes}
-    update_ms, round_ratios = [], []
+    names = list(VARIANTS)
+    times: dict[str, list[float]] = {m: [] for m in names}
+    comm: dict[str, list[float]] = {m: [] for m in names}
+    cpu: dict[str, list[float]] = {m: [] for m in names}
+    setup: dict[str, list[tuple[float, float]]] = {m: [] for m in names}
+    per_epoch: dict[str, list[float]] = {m: [] for m in names}
+    update_ms: list[float] = []
+    round_ratios: dict[str, list[float]] = {m: [] for m in names[:-1]}
     for r in range(a.rounds):
         per_round = {}
-        for mode in (modes if r % 2 == 0 else modes[::-1]):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            mode, extra, _ = VARIANTS[name]
             # the same job with --epochs 0: start-up and shut-down only (wall, CPU)
-            bare = run_train(job_args(mode, 2, 0, seed=r), tmp / f"step0-{mode}-{r}")
-            setup[mode].append((bare.wall_s, bare.cpu_s))
-            run = run_train(job_args(mode, 2, a.epochs, seed=r), tmp / f"step-{mode}-{r}")
+            bare = run_train(job_args(mode, 2, 0, *extra, seed=r), tmp / f"step0-{name}-{r}")
+            setup[name].append((bare.wall_s, bare.cpu_s))
+            run = run_train(job_args(mode, 2, a.epochs, *extra, seed=r), tmp / f"step-{name}-{r}")
             ts = [t for w in run.workers for t in step_times(w)]
-            times[mode] += ts
-            per_round[mode] = med(ts)
+            times[name] += ts
+            per_round[name] = med(ts)
             n_steps = max(x["step"] for x in run.chief if x["kind"] == "step") + 1
-            cpu[mode].append(1e3 * (run.cpu_s - bare.cpu_s) / n_steps)
-            per_epoch[mode] += epoch_step_times(run)
+            cpu[name].append(1e3 * (run.cpu_s - bare.cpu_s) / n_steps)
+            per_epoch[name] += epoch_step_times(run)
             key = "push_pull_ms" if mode == "sync" else "allreduce_ms"
-            comm[mode] += [x for w in run.workers for x in step_field(w, key)]
-            if mode == "sync":
+            comm[name] += [x for w in run.workers for x in step_field(w, key)]
+            if name == "sync":
                 s = run.server[-1]
                 update_ms.append(1e3 * s["update_seconds"] / max(1, s["version"]))
-        round_ratios.append(per_round["sync"] / per_round["allreduce"])
+        for name in round_ratios:
+            round_ratios[name].append(per_round[name] / per_round["allreduce"])
     print(f"\nlenet300, global batch {BATCH}, 2 workers, {data_spec()}; {a.rounds} rounds x "
           f"{a.epochs} epochs, per-step times between the workers' step records (epochs >= 2)\n")
-    print(f"{'mode':<22}{'step ms':>9}{'p10':>8}{'p90':>8}{'epoch/steps':>13}{'comm ms':>9}"
+    print(f"{'job':<22}{'step ms':>9}{'p10':>8}{'p90':>8}{'epoch/steps':>13}{'comm ms':>9}"
           f"{'other ms':>10}{'CPU ms/step':>13}{'setup s':>9}")
-    for mode, name in (("sync", "sync (PS, 1 server)"), ("allreduce", "allreduce (MPI)")):
-        t, c = 1e3 * med(times[mode]), med(comm[mode])
-        print(f"{name:<22}{t:9.2f}{1e3 * pct(times[mode], .1):8.2f}"
-              f"{1e3 * pct(times[mode], .9):8.2f}{1e3 * med(per_epoch[mode]):13.2f}{c:9.2f}"
-              f"{t - c:10.2f}{med(cpu[mode]):13.2f}"
-              f"{med([w for w, _ in setup[mode]]):9.2f}")
-    ratio = med(times["sync"]) / med(times["allreduce"])
-    print(f"\nsync / allreduce per-step time (ratio of medians): {ratio:.2f}x (target <= 1.5x)")
-    print(f"median of per-round ratios: {med(round_ratios):.2f}x  "
-          f"(rounds: {', '.join(f'{x:.2f}' for x in round_ratios)})")
+    for name in names:
+        t, c = 1e3 * med(times[name]), med(comm[name])
+        print(f"{VARIANTS[name][2]:<22}{t:9.2f}{1e3 * pct(times[name], .1):8.2f}"
+              f"{1e3 * pct(times[name], .9):8.2f}{1e3 * med(per_epoch[name]):13.2f}{c:9.2f}"
+              f"{t - c:10.2f}{med(cpu[name]):13.2f}"
+              f"{med([w for w, _ in setup[name]]):9.2f}")
+    print()
+    for name, ratios in round_ratios.items():
+        ratio = med(times[name]) / med(times["allreduce"])
+        print(f"{VARIANTS[name][2]} / allreduce per-step time (ratio of medians): {ratio:.2f}x "
+              f"(target <= 1.5x); per round: {', '.join(f'{x:.2f}' for x in ratios)}")
     print(f"server optimizer step (update_seconds / version): {med(update_ms):.2f} ms")
     print("epoch/steps: each worker's epoch time / the epoch's steps (epochs >= 2), a check; "
           "comm ms: sync = push_pull_ms (gradient out, wait for the round, parameters back); "
           "allreduce = allreduce_ms (the last step of each 10-step window); other = step - comm "
           "(forward, backward, local optimizer in allreduce); CPU ms/step = (CPU of all the "
           "job's processes - CPU of the same job with --epochs 0) / steps; setup s = wall "
-          "time of the --epochs 0 job")
-    print(f"command: {command_line(job_args('sync', 2, a.epochs))}  (and --mode allreduce)")
+          "time of the --epochs 0 job. --colocate: the server is a thread of worker rank 0, "
+          "which reaches it over inproc:// (2 processes, as allreduce)")
+    print(f"command: {command_line(job_args('sync', 2, a.epochs))}  (and --colocate; "
+          f"--mode allreduce)")
 
 
 OPT = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4}  # the lenet300 recipe's optimizer
@@ -303,6 +315,7 @@ def main() -> None:
     ap.add_argument("--profile-rounds", type=int, default=3, help="rounds of the pieces")
     ap.add_argument("--iters", type=int, default=200, help="iterations per piece and round")
     ap.add_argument("--skip-jobs", action="store_true", help="only the pieces")
+    ap.add_argument("--skip-pieces", action="store_true", help="only the jobs")
     ap.add_argument("--compute", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rank", choices=("ps", "raw", "allreduce"), help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -316,7 +329,8 @@ def main() -> None:
     if not a.skip_jobs:
         with tempfile.TemporaryDirectory(prefix="bench-dist-") as tmp:
             bench_jobs(a, Path(tmp))
-    bench_pieces(a)
+    if not a.skip_pieces:
+        bench_pieces(a)
 
 
 if __name__ == "__main__":

@@ -124,6 +124,36 @@ def test_two_servers_equal_one(sync_runs, tmp_path):
 
 
 @pytest.mark.mpi
+def test_colocated_shard_groups_equal_one_server(sync_runs, tmp_path):
+    """--colocate --servers 2 --shards-per-server 2: two ranks in all, each a worker with
+    a thread serving two shards (its own worker over inproc://); same parameters."""
+    result, params = train(tmp_path, "--mode", "sync", "--workers", "2", "--servers", "2",
+                           "--shards-per-server", "2", "--colocate", "--metrics",
+                           str(tmp_path / "metrics.jsonl"), *EQUIV)
+    assert [s["server_id"] for s in result["server_stats"]] == [0, 1, 2, 3]
+    assert all(s["param_bytes"] > 0 and s["version"] == 7 for s in result["server_stats"])
+    assert_same_params(params, sync_runs[2][1])
+    assert sorted(p.name for p in tmp_path.glob("metrics.rank*.jsonl")) == [
+        "metrics.rank0-server.jsonl", "metrics.rank0.jsonl", "metrics.rank1-server.jsonl",
+        "metrics.rank1.jsonl"]
+    shards = [json.loads(line) for line in (tmp_path / "metrics.rank1-server.jsonl")
+              .read_text().splitlines()]
+    assert [r["server_id"] for r in shards] == [2, 3]
+
+
+def test_colocate_needs_a_worker_for_each_server(tmp_path):
+    from distnet.dist.job import validate
+
+    config = {"mode": "sync", "workers": 1, "servers": 2, "colocate": True, "push_every": 1,
+              "pull_every": 1, "staleness": 0, "batch_size": 8, "epochs": 1, "timeout": 5}
+    with pytest.raises(ValueError, match="--servers 2 needs at least as many --workers"):
+        validate(config)
+    with pytest.raises(ValueError, match="--shards-per-server must be a number >= 1 or 'auto'"):
+        validate({**config, "workers": 2, "shards_per_server": "0"})
+    validate({**config, "workers": 2, "shards_per_server": "auto"})
+
+
+@pytest.mark.mpi
 def test_allreduce_equals_sync(sync_runs, tmp_path):
     result, params = train(tmp_path, "--mode", "allreduce", "--workers", "2", *EQUIV)
     assert result["mode"] == "allreduce"
@@ -319,6 +349,8 @@ def test_flavor_and_rank_count():
     assert launcher._train_ranks(["--mode", "sync", "--workers", "3", "--servers", "2"]) == 5
     assert launcher._train_ranks(["--mode", "allreduce", "--workers", "3"]) == 3
     assert launcher._train_ranks(["--mode", "sync", "--server", "tcp://h:1"]) == 2
+    assert launcher._train_ranks(["--mode", "sync", "--workers", "3", "--servers", "2",
+                                  "--colocate"]) == 3
 
 
 def test_failure_message_names_the_rank():

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     # scripts read this line to learn the port when --bind asked for port 0
     print(f"distnet serve: listening on {server.address} (shard {config['server_id']} of "
           f"{config['servers']}, {config['mode']}, {config['workers']} workers)", flush=True)
-    stats = serve(server, config, f"server{config['server_id']}")
+    stats = serve(server, config, f"server{config['server_id']}")[0]
     print(f"distnet serve: stopped at version {stats['version']} after "
           f"{stats['pushes_applied']} gradients", file=sys.stderr, flush=True)
     if getattr(server, "abort_reason", None):

@@ -59,6 +59,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mode", default="local", choices=MODES)
     g.add_argument("--workers", type=int, default=2, help="worker processes")
     g.add_argument("--servers", type=int, default=1, help="parameter-server shards")
+    g.add_argument("--shards-per-server", default=None, metavar="N|auto",
+                   help="parameter shards each server process serves from one loop (default "
+                        "1; auto: one per ~2 MB): each shard's update overlaps the others' "
+                        "transfer")
+    g.add_argument("--colocate", action=argparse.BooleanOptionalAction, default=False,
+                   help="run server shard k as a thread of worker rank k (no extra ranks; "
+                        "that worker reaches its shard over inproc://)")
     g.add_argument("--server", default=None,
                    help="address(es) of running servers (distnet serve), comma-separated")
     g.add_argument("--push-every", type=int, default=1, help="async: push every N steps")

@@ -45,7 +45,7 @@ def under_mpi() -> bool:
 def ranks_needed(config: dict[str, Any]) -> int:
     """MPI ranks of the job: workers, plus server shards unless servers run elsewhere."""
     workers = int(config["workers"])
-    if config["mode"] == "allreduce" or config.get("server"):
+    if config["mode"] == "allreduce" or config.get("server") or config.get("colocate"):
         return workers
     return workers + int(config["servers"])
 
@@ -61,6 +61,14 @@ def validate(config: dict[str, Any]) -> None:
             raise ValueError(f"--{key.replace('_', '-')} must be >= {low}, got {config[key]}")
     if not config.get("server") and config["mode"] != "allreduce" and int(config["servers"]) < 1:
         raise ValueError(f"--servers must be >= 1, got {config['servers']}")
+    if (config.get("colocate") and not config.get("server") and config["mode"] != "allreduce"
+            and int(config["servers"]) > int(config["workers"])):
+        raise ValueError(f"--colocate puts each server shard in a worker rank: --servers "
+                         f"{config['servers']} needs at least as many --workers, got "
+                         f"{config['workers']}")
+    sps = config.get("shards_per_server")
+    if sps not in (None, "auto") and not (str(sps).isdigit() and int(sps) >= 1):
+        raise ValueError(f"--shards-per-server must be a number >= 1 or 'auto', got {sps!r}")
     if not float(config["timeout"]) > 0:
         raise ValueError(f"--timeout must be > 0 seconds, got {config['timeout']}")
 
@@ -242,18 +250,22 @@ def _run_role(config: dict[str, Any], comm: Any) -> tuple[dict[str, Any], dict[s
             _drop_unused_run_dir(own_dir, config["run_dir"])
         external = [a.strip() for a in str(config.get("server") or "").split(",") if a.strip()]
         n_servers = 0 if config["mode"] == "allreduce" or external else int(config["servers"])
-        if size <= n_servers:
-            raise ValueError(f"{size} ranks cannot host {n_servers} servers and any worker: "
-                             f"start at least {n_servers + 1} ranks")
-        if size - n_servers != int(config["workers"]) and rank == 0:
-            print(f"distnet: note: {size} ranks give {size - n_servers} workers "
+        colocate = bool(config.get("colocate")) and n_servers > 0
+        first_worker = 0 if colocate else n_servers  # the rank of worker 0
+        least = max(n_servers, 1) if colocate else n_servers + 1
+        if size < least:
+            how = " co-located with workers" if colocate else ""
+            raise ValueError(f"{size} ranks cannot host {n_servers} servers{how} and any "
+                             f"worker: start at least {least} ranks")
+        if size - first_worker != int(config["workers"]) and rank == 0:
+            print(f"distnet: note: {size} ranks give {size - first_worker} workers "
                   f"(--workers {config['workers']} ignored)", file=sys.stderr, flush=True)
-        config["workers"] = size - n_servers
-        is_server = rank < n_servers
+        config["workers"] = size - first_worker
+        is_server, is_worker = rank < n_servers, rank >= first_worker
         with watchdog.guard("the host names of all ranks", timeout):
             hosts = comm.allgather(socket.gethostname())
-            sub = comm.Split(1 if is_server else 0, rank)
-    role = f"server {rank}" if is_server else f"worker {rank - n_servers}"
+            sub = comm.Split(0 if is_worker else 1, rank)
+    role = f"worker {rank - first_worker}" if is_worker else f"server {rank}"
     with report_failure(rank, role, config["run_dir"]):
         if config["mode"] == "allreduce":
             from distnet.dist.allreduce import run_allreduce_worker
@@ -261,21 +273,51 @@ def _run_role(config: dict[str, Any], comm: Any) -> tuple[dict[str, Any], dict[s
             return config, run_allreduce_worker(config, sub, watchdog)
         server = None
         if is_server:
-            from distnet.dist.server_role import create_server
+            from distnet.dist.server_role import create_group
 
-            server = create_server(config, server_id=rank, num_shards=n_servers,
-                                   host=advertised_host(len(set(hosts)) > 1))
+            server = create_group(config, index=rank, num_servers=n_servers,
+                                  host=advertised_host(len(set(hosts)) > 1))
         with watchdog.guard("the addresses of the parameter servers", timeout):
-            addresses = comm.allgather(server.address if server is not None else None)
-        if server is not None:
+            shards = comm.allgather(server.addresses if server is not None else [])
+        addresses = external or [a for shard_list in shards for a in shard_list]
+        if server is not None and not is_worker:
             from distnet.dist.server_role import serve
 
             serve(server, config, rank)
             return config, None
+        if server is not None:
+            return config, _colocated(config, server, addresses, rank)
         from distnet.dist.worker import run_worker
 
-        return config, run_worker(config, external or addresses[:n_servers],
-                                  worker_id=rank - n_servers, rank=rank)
+        return config, run_worker(config, addresses, worker_id=rank - first_worker, rank=rank)
+
+
+def _colocated(config: dict[str, Any], group: Any, addresses: list[str],
+               rank: int) -> dict[str, Any] | None:
+    """Worker ``rank`` with server process ``rank``'s shards in a thread of the same
+    process; the worker reaches them over inproc:// (by reference: no copy, no I/O
+    thread) and the other ranks' shards over TCP. They serve until the chief's shutdown."""
+    from distnet.dist.server_role import serve
+    from distnet.dist.worker import run_worker
+
+    local = dict(zip(group.addresses, group.bind_local(), strict=True))
+    thread = threading.Thread(target=serve, args=(group, config, rank),
+                              kwargs={"label": f"rank{rank}-server"},
+                              name=f"ps-server-{rank}", daemon=True)
+    thread.start()
+    try:
+        mine = [local.get(a) or a for a in addresses]
+        result = run_worker(config, mine, worker_id=rank, rank=rank)
+    except BaseException:
+        group.stop(join_timeout=0)
+        raise
+    thread.join(float(config["timeout"]))
+    if thread.is_alive():
+        group.stop()
+        raise TimeoutError(f"the server shards of rank {rank} did not stop within "
+                           f"{config['timeout']} s of its worker's end (waiting for the "
+                           "chief's shutdown)")
+    return result
 
 
 def _drop_unused_run_dir(own: str | None, used: str) -> None:

@@ -302,8 +302,9 @@ def _train_ranks(train_args: list[str]) -> int:
     p.add_argument("--servers", type=int, default=1)
     p.add_argument("--mode", default="local")
     p.add_argument("--server", default=None)
+    p.add_argument("--colocate", action=argparse.BooleanOptionalAction, default=False)
     known, _ = p.parse_known_args(train_args)
-    servers = 0 if known.mode == "allreduce" or known.server else known.servers
+    servers = 0 if known.mode == "allreduce" or known.server or known.colocate else known.servers
     return known.workers + servers
 
 

@@ -64,31 +64,55 @@ class UpdateSchedule:
         return self.base(int(version / self.updates_per_step)) * self.scale
 
 
+def _server_args(config: dict[str, Any], n_train: int) -> dict[str, Any]:
+    """ParameterServer arguments every shard of the job shares."""
+    from distnet.cli.options import server_kwargs
+    from distnet.setup import optimizer_config
+
+    return dict(optimizer=config["optimizer"], optimizer_config=optimizer_config(config),
+                schedule=UpdateSchedule(config, n_train), mode=config["mode"],
+                num_workers=int(config["workers"]), staleness=int(config["staleness"]),
+                lr_staleness_scaling=bool(config.get("staleness_lr")),
+                timeout=float(config["timeout"]), **server_kwargs(config))
+
+
 def create_server(config: dict[str, Any], *, server_id: int, num_shards: int,
                   host: str = "127.0.0.1", bind: str | None = None) -> Any:
     """Shard ``server_id`` of ``num_shards``, bound (port chosen by the OS unless ``bind``
     names one) and ready to ``run()``; its ``address`` is what workers connect to."""
-    from distnet.cli.options import server_kwargs
     from distnet.ps import ParameterServer, plan_shards, split
-    from distnet.setup import optimizer_config
 
     if not 0 <= server_id < num_shards:
         raise ValueError(f"server id {server_id} is not in 0..{num_shards - 1}")
     params, n_train = initial_parameters(config)
     plan = plan_shards({name: a.shape for name, a in params.items()}, num_shards)
     shard = split(params, plan)[server_id]
-    return ParameterServer(
-        shard, optimizer=config["optimizer"], optimizer_config=optimizer_config(config),
-        schedule=UpdateSchedule(config, n_train), mode=config["mode"],
-        num_workers=int(config["workers"]), staleness=int(config["staleness"]),
-        lr_staleness_scaling=bool(config.get("staleness_lr")),
-        bind=bind or f"tcp://{host}:0", server_id=server_id, timeout=float(config["timeout"]),
-        **server_kwargs(config))
+    return ParameterServer(shard, bind=bind or f"tcp://{host}:0", server_id=server_id,
+                           **_server_args(config, n_train))
 
 
-def serve(server: Any, config: dict[str, Any], rank: int) -> dict[str, Any]:
-    """Run ``server`` until a worker asks it to shut down (or SIGTERM/SIGINT stop it);
-    writes its final counters to this rank's metrics file and returns them."""
+def create_group(config: dict[str, Any], *, index: int, num_servers: int,
+                 host: str = "127.0.0.1") -> Any:
+    """Server process ``index`` of ``num_servers`` in a job: a ``ServerGroup`` of
+    ``--shards-per-server`` shards (``auto``: one per ~2 MB of its parameters), shards
+    ``index*P .. index*P+P-1`` of the job's ``num_servers*P``, each on its own port."""
+    from distnet.ps.group import parts_for, shard_group
+
+    if not 0 <= index < num_servers:
+        raise ValueError(f"server index {index} is not in 0..{num_servers - 1}")
+    params, n_train = initial_parameters(config)
+    total = sum(a.nbytes for a in params.values())
+    parts = parts_for(total // num_servers, config.get("shards_per_server") or 1)
+    return shard_group(params, parts, first_id=index * parts, num_shards=num_servers * parts,
+                       bind=f"tcp://{host}:0", **_server_args(config, n_train))
+
+
+def serve(server: Any, config: dict[str, Any], rank: int | str,
+          label: str | None = None) -> list[dict[str, Any]]:
+    """Run ``server`` (a ParameterServer or a ServerGroup) until a worker asks it to shut
+    down (or SIGTERM/SIGINT stop it); writes each shard's final counters to this rank's
+    metrics file (``label`` names the file instead, for a server sharing its rank with a
+    worker) and returns them, one dict per shard."""
     from distnet.dist.worker import rank_metrics_path
     from distnet.metrics import MetricsWriter
     from distnet.optim.blas import limit_threads
@@ -106,9 +130,10 @@ def serve(server: Any, config: dict[str, Any], rank: int) -> dict[str, Any]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    stats = server.stats()
-    with MetricsWriter(rank_metrics_path(config, rank), rank=rank, mode=config["mode"],
-                       role="server") as writer:
-        writer.write(kind="server", **{k: v for k, v in stats.items() if k != "requests"},
-                     requests=stats.get("requests", {}))
+    stats = [s.stats() for s in getattr(server, "servers", [server])]
+    with MetricsWriter(rank_metrics_path(config, label or rank),
+                       rank=rank, mode=config["mode"], role="server") as writer:
+        for st in stats:
+            writer.write(kind="server", **{k: v for k, v in st.items() if k != "requests"},
+                         requests=st.get("requests", {}))
     return stats
