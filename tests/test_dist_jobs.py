@@ -196,19 +196,23 @@ def test_launcher_script_runs_the_same_job(sync_runs, tmp_path):
 
 
 @pytest.mark.mpi
-def test_external_server(sync_runs, tmp_path):
-    """`distnet serve` on a free port, then two MPI workers with --server."""
+@pytest.mark.parametrize("shards", [1, 3])
+def test_external_server(sync_runs, tmp_path, shards):
+    """`distnet serve` on free ports (one per shard), then two MPI workers with --server."""
     serve = subprocess.Popen(
         [PY, "-m", "distnet.cli.main", "serve", "--bind", "tcp://127.0.0.1:0", "--mode", "sync",
-         "--workers", "2", *[a for a in EQUIV if a != "--no-progress"]],
+         "--workers", "2", "--shards-per-server", str(shards),
+         *[a for a in EQUIV if a != "--no-progress"]],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
     try:
         line = read_line(serve, timeout=60)  # "distnet serve: listening on tcp://..."
         assert "listening on" in line, line
         address = line.split()[4]
-        _, params = train(tmp_path, "--mode", "sync", "--workers", "2", "--server", address,
-                          *EQUIV)
+        assert address.count("tcp://") == shards
+        result, params = train(tmp_path, "--mode", "sync", "--workers", "2", "--server",
+                               address, *EQUIV)
+        assert len(result["server_stats"]) == shards
         assert serve.wait(timeout=30) == 0  # the chief shut it down
     finally:
         launcher.kill_group(serve)

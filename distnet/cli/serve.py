@@ -21,6 +21,7 @@ EXAMPLES = """\
   distnet serve --bind tcp://10.77.0.1:0 --model lenet300 --data digits --mode ssp --staleness 2
   DISTNET_RANK=1 distnet train --mode ssp --workers 2 --server tcp://10.77.0.1:5555
   distnet serve --servers 2 --server-id 1 --bind tcp://0.0.0.0:5556 --config job.toml
+  distnet serve --bind tcp://127.0.0.1:5555 --shards-per-server 4 --mode async --workers 2
 """
 
 SERVER_MODES = ("sync", "async", "ssp")
@@ -31,8 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bind", default="tcp://127.0.0.1:5555",
                    help="ZeroMQ address to listen on; port 0 picks a free one "
                         "(default: tcp://127.0.0.1:5555)")
-    g.add_argument("--server-id", type=int, default=0, help="which shard this is (0..servers-1)")
-    g.add_argument("--servers", type=int, default=1, help="parameter-server shards in all")
+    g.add_argument("--server-id", type=int, default=0, help="which server process this is (0..servers-1)")
+    g.add_argument("--servers", type=int, default=1, help="server processes in all")
+    g.add_argument("--shards-per-server", default=None, metavar="N|auto",
+                   help="shards this process serves from one loop, on consecutive ports "
+                        "from --bind's (default 1; auto: one per ~2 MB of its parameters)")
     g.add_argument("--mode", default="sync", choices=SERVER_MODES)
     g.add_argument("--workers", type=int, default=2, help="workers that will connect")
     g.add_argument("--staleness", type=int, default=2, help="ssp: staleness bound s")
@@ -65,7 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from distnet.cli.train import resolve
-    from distnet.dist.server_role import create_server, serve
+    from distnet.dist.job import validate_shards_per_server
+    from distnet.dist.server_role import create_group, serve
 
     config = resolve(args)
     if not 0 <= config["server_id"] < config["servers"]:
@@ -74,15 +79,22 @@ def run(args: argparse.Namespace) -> int:
     for key in ("workers", "push_every"):
         if config[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {config[key]}")
-    server = create_server(config, server_id=config["server_id"], num_shards=config["servers"],
-                           bind=config["bind"])
-    # scripts read this line to learn the port when --bind asked for port 0
-    print(f"distnet serve: listening on {server.address} (shard {config['server_id']} of "
-          f"{config['servers']}, {config['mode']}, {config['workers']} workers)", flush=True)
-    stats = serve(server, config, f"server{config['server_id']}")[0]
-    print(f"distnet serve: stopped at version {stats['version']} after "
-          f"{stats['pushes_applied']} gradients", file=sys.stderr, flush=True)
-    if getattr(server, "abort_reason", None):
-        print(f"distnet serve: job aborted: {server.abort_reason}", file=sys.stderr, flush=True)
+    validate_shards_per_server(config)
+    group = create_group(config, index=config["server_id"], num_servers=config["servers"],
+                         bind=config["bind"])
+    ids = [s.server_id for s in group.servers]
+    which = f"shard {ids[0]}" if len(ids) == 1 else f"shards {ids[0]}-{ids[-1]}"
+    # scripts read this line to learn the port(s) when --bind asked for port 0; the
+    # comma-separated addresses are what workers pass to --server, in this order
+    print(f"distnet serve: listening on {','.join(group.addresses)} ({which} of "
+          f"{config['servers'] * len(ids)}, {config['mode']}, {config['workers']} workers)",
+          flush=True)
+    stats = serve(group, config, f"server{config['server_id']}")
+    print(f"distnet serve: stopped at version {min(s['version'] for s in stats)} after "
+          f"{sum(s['pushes_applied'] for s in stats)} gradients", file=sys.stderr, flush=True)
+    reasons = {s.abort_reason for s in group.servers if s.abort_reason}
+    if reasons:
+        print(f"distnet serve: job aborted: {'; '.join(sorted(reasons))}", file=sys.stderr,
+              flush=True)
         return 1
     return 0

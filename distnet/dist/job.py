@@ -66,11 +66,15 @@ def validate(config: dict[str, Any]) -> None:
         raise ValueError(f"--colocate puts each server shard in a worker rank: --servers "
                          f"{config['servers']} needs at least as many --workers, got "
                          f"{config['workers']}")
+    validate_shards_per_server(config)
+    if not float(config["timeout"]) > 0:
+        raise ValueError(f"--timeout must be > 0 seconds, got {config['timeout']}")
+
+
+def validate_shards_per_server(config: dict[str, Any]) -> None:
     sps = config.get("shards_per_server")
     if sps not in (None, "auto") and not (str(sps).isdigit() and int(sps) >= 1):
         raise ValueError(f"--shards-per-server must be a number >= 1 or 'auto', got {sps!r}")
-    if not float(config["timeout"]) > 0:
-        raise ValueError(f"--timeout must be > 0 seconds, got {config['timeout']}")
 
 
 def prepare(config: dict[str, Any]) -> dict[str, Any]:

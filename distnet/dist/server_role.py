@@ -76,27 +76,14 @@ def _server_args(config: dict[str, Any], n_train: int) -> dict[str, Any]:
                 timeout=float(config["timeout"]), **server_kwargs(config))
 
 
-def create_server(config: dict[str, Any], *, server_id: int, num_shards: int,
-                  host: str = "127.0.0.1", bind: str | None = None) -> Any:
-    """Shard ``server_id`` of ``num_shards``, bound (port chosen by the OS unless ``bind``
-    names one) and ready to ``run()``; its ``address`` is what workers connect to."""
-    from distnet.ps import ParameterServer, plan_shards, split
-
-    if not 0 <= server_id < num_shards:
-        raise ValueError(f"server id {server_id} is not in 0..{num_shards - 1}")
-    params, n_train = initial_parameters(config)
-    plan = plan_shards({name: a.shape for name, a in params.items()}, num_shards)
-    shard = split(params, plan)[server_id]
-    return ParameterServer(shard, bind=bind or f"tcp://{host}:0", server_id=server_id,
-                           **_server_args(config, n_train))
-
-
 def create_group(config: dict[str, Any], *, index: int, num_servers: int,
-                 host: str = "127.0.0.1") -> Any:
-    """Server process ``index`` of ``num_servers`` in a job: a ``ServerGroup`` of
+                 host: str = "127.0.0.1", bind: str | None = None) -> Any:
+    """Server process ``index`` of ``num_servers``: a ``ServerGroup`` of
     ``--shards-per-server`` shards (``auto``: one per ~2 MB of its parameters), shards
-    ``index*P .. index*P+P-1`` of the job's ``num_servers*P``, each on its own port."""
-    from distnet.ps.group import parts_for, shard_group
+    ``index*P .. index*P+P-1`` of the job's ``num_servers*P``, each on its own port
+    (``bind``: the first shard's address, the others on the next ports; default a free
+    port on ``host`` for each). Ready to ``run()``; workers connect to its ``addresses``."""
+    from distnet.ps.group import parts_for, shard_binds, shard_group
 
     if not 0 <= index < num_servers:
         raise ValueError(f"server index {index} is not in 0..{num_servers - 1}")
@@ -104,7 +91,8 @@ def create_group(config: dict[str, Any], *, index: int, num_servers: int,
     total = sum(a.nbytes for a in params.values())
     parts = parts_for(total // num_servers, config.get("shards_per_server") or 1)
     return shard_group(params, parts, first_id=index * parts, num_shards=num_servers * parts,
-                       bind=f"tcp://{host}:0", **_server_args(config, n_train))
+                       binds=shard_binds(bind or f"tcp://{host}:0", parts),
+                       **_server_args(config, n_train))
 
 
 def serve(server: Any, config: dict[str, Any], rank: int | str,
