@@ -96,11 +96,14 @@ def _time_raw(sock: zmq.Socket, grad: np.ndarray, iters: int,
 
 
 def _time_ps(client, grad: np.ndarray, iters: int, version: int,
-             out: np.ndarray) -> tuple[list[float], int]:
+             out: np.ndarray | None) -> tuple[list[float], int]:
+    """push_pull round trips; the parameters land in ``out`` (None: zero-copy views of the
+    reply, possible with one shard only)."""
     out_t = []
+    dest = None if out is None else {"w": out}
     for _ in range(iters):
         t0 = time.perf_counter()
-        version, _ = client.wait(client.push_pull({"w": grad}, version, out={"w": out}))
+        version, _ = client.wait(client.push_pull({"w": grad}, version, out=dest))
         out_t.append(time.perf_counter() - t0)
     return out_t, version
 
@@ -159,11 +162,14 @@ def main() -> None:
     for i, c in enumerate(clients):
         _, versions[i] = _time_ps(c, grad, 3, versions[i], out)
     raw_t, view_t, held_t, ps_t, bare_t, parts_t, block_ratios = [], [], [], [], [], [], []
+    ps_view_t: list[float] = []
     for _ in range(args.blocks):
         r = _time_raw(raw, grad, args.iters, out)
         view_t += _time_raw(raw, grad, args.iters, None)
         held_t += _time_raw(held, grad, args.iters, out)
         p, versions[0] = _time_ps(clients[0], grad, args.iters, versions[0], out)
+        v, versions[0] = _time_ps(clients[0], grad, args.iters, versions[0], None)
+        ps_view_t += v
         b, versions[1] = _time_ps(clients[1], grad, args.iters, versions[1], out)
         q, versions[2] = _time_ps(clients[2], grad, args.iters, versions[2], out)
         raw_t, ps_t, bare_t, parts_t = raw_t + r, ps_t + p, bare_t + b, parts_t + q
@@ -185,6 +191,7 @@ def main() -> None:
             (f"raw echo, reply held {args.hold_ms:g} ms (busy)", held_t),
             (f"ps push_pull, {args.parts} shards in 1 process", parts_t),
             (f"ps push_pull, 1 shard ({args.optimizer}, {args.mode})", ps_t),
+            ("ps push_pull, 1 shard, reply not copied out", ps_view_t),
             ("ps push_pull (no-op optimizer)", bare_t),
             (f"{args.optimizer} step alone (4M floats)", upd_t)]
     print(f"\n{grad.nbytes / 1e6:.1f} MB float32 each way over tcp://127.0.0.1, "
@@ -206,6 +213,8 @@ def main() -> None:
     print(f"against the raw echo that copies nothing out:      "
           f"{statistics.median(view_t) / statistics.median(parts_t):.1%}")
     print(f"one shard (update between receive and reply):      {one:.1%}")
+    print(f"one shard, neither copying the reply out:          "
+          f"{statistics.median(view_t) / statistics.median(ps_view_t):.1%}")
     print(f"one shard, no optimizer update (PS machinery):     {bare:.1%}")
     print(f"raw echo holding each reply {args.hold_ms:g} ms:            "
           f"{statistics.median(raw_t) / statistics.median(held_t):.1%}")
