@@ -32,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bind", default="tcp://127.0.0.1:5555",
                    help="ZeroMQ address to listen on; port 0 picks a free one "
                         "(default: tcp://127.0.0.1:5555)")
-    g.add_argument("--server-id", type=int, default=0, help="which server process this is (0..servers-1)")
+    g.add_argument("--server-id", type=int, default=0,
+                   help="which server process this is (0..servers-1)")
     g.add_argument("--servers", type=int, default=1, help="server processes in all")
     g.add_argument("--shards-per-server", default=None, metavar="N|auto",
                    help="shards this process serves from one loop, on consecutive ports "

@@ -6,9 +6,11 @@
   itself as ``mpiexec -n RANKS python -m mpi4py -m distnet.dist.entry job.json``,
   then returns what the chief worker wrote to ``<run_dir>/result.json``;
 * under MPI (or when one rank is all the job needs) it runs this rank's role:
-  ranks ``0..K-1`` host the K parameter-server shards and the others are workers;
-  with ``config["server"]`` (servers started by ``distnet serve``) or in
-  ``allreduce`` mode every rank is a worker;
+  ranks ``0..K-1`` host the K parameter servers (each serving ``--shards-per-server``
+  shards from one loop) and the others are workers; with ``--colocate`` every rank is
+  a worker and ranks ``0..K-1`` also run their server in a thread; with
+  ``config["server"]`` (servers started by ``distnet serve``) or in ``allreduce`` mode
+  every rank is a worker;
 * outside MPI with ``--server`` and ``DISTNET_RANK`` set it runs that one worker
   alone (workers on hosts that share no MPI job, e.g. the network namespaces).
 
@@ -43,7 +45,8 @@ def under_mpi() -> bool:
 
 
 def ranks_needed(config: dict[str, Any]) -> int:
-    """MPI ranks of the job: workers, plus server shards unless servers run elsewhere."""
+    """MPI ranks of the job: workers, plus the server processes unless the servers run
+    elsewhere or inside worker ranks (``colocate``)."""
     workers = int(config["workers"])
     if config["mode"] == "allreduce" or config.get("server") or config.get("colocate"):
         return workers
