@@ -355,6 +355,12 @@ def test_flavor_and_rank_count():
     assert launcher._train_ranks(["--mode", "sync", "--server", "tcp://h:1"]) == 2
     assert launcher._train_ranks(["--mode", "sync", "--workers", "3", "--servers", "2",
                                   "--colocate"]) == 3
+    # a job file's workers/servers/colocate count too (they were ignored: 3 ranks for 5)
+    jobs = ROOT / "cluster" / "jobs"
+    assert launcher._train_ranks(["--config", str(jobs / "two-servers.toml")]) == 5
+    assert launcher._train_ranks(["--config", str(jobs / "one-host.toml")]) == 2
+    assert launcher._train_ranks(["--config", str(jobs / "one-host.toml"), "--workers",
+                                  "3"]) == 3
 
 
 def test_failure_message_names_the_rank():

@@ -91,19 +91,27 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     return options
 
 
+def parse_command(argv: list[str]) -> argparse.Namespace:
+    """``distnet ARGV`` parsed, with its ``--config`` file's options under the command
+    line's (``args.command`` is None when no command was given)."""
+    parser, subparsers = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+    elif args.config:
+        sub = subparsers[args.command]
+        sub.set_defaults(**load_config(args.config, sub))
+        args = parser.parse_args(argv)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        parser, subparsers = build_parser()
-        args = parser.parse_args(argv)
+        args = parse_command(argv)
         if args.command is None:
-            parser.print_help()
             return 2
-        if args.config:
-            sub = subparsers[args.command]
-            sub.set_defaults(**load_config(args.config, sub))
-            args = parser.parse_args(argv)
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print("distnet: interrupted", file=sys.stderr)

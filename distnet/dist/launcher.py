@@ -296,16 +296,13 @@ def failure_message(what: str, code: int, stderr_tail: str) -> str:
 
 
 def _train_ranks(train_args: list[str]) -> int:
-    """Ranks a ``distnet train`` command line needs: workers + server shards."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--servers", type=int, default=1)
-    p.add_argument("--mode", default="local")
-    p.add_argument("--server", default=None)
-    p.add_argument("--colocate", action=argparse.BooleanOptionalAction, default=False)
-    known, _ = p.parse_known_args(train_args)
-    servers = 0 if known.mode == "allreduce" or known.server or known.colocate else known.servers
-    return known.workers + servers
+    """Ranks a ``distnet train`` command line needs (its ``--config`` file included):
+    workers, plus the server processes unless they run elsewhere or in worker ranks."""
+    from distnet.cli.main import parse_command
+    from distnet.cli.train import resolve
+    from distnet.dist.job import ranks_needed
+
+    return ranks_needed(resolve(parse_command(["train", *train_args])))
 
 
 def main(argv: list[str] | None = None) -> int:
