@@ -11,10 +11,12 @@ holds. What one loop adds is pipelining, the BytePS partitioning. A client sends
 its P messages at once, on P connections; the loop applies each shard's update
 as soon as that shard's message is in and sends its reply while the other
 messages are still arriving, so the optimizer's work overlaps the transfer instead
-of sitting between receive and reply. For a 16 MB gradient with SGD momentum
-that took push+pull from 72-77% to about 100% of a raw ZeroMQ echo
-(``benchmarks/bench_ps_throughput.py``). For small models one shard is better:
-every extra message costs its fixed overhead (``parts_for``).
+of sitting between receive and reply. What that buys depends on spare cores: on
+a 2-core machine a 16 MB momentum push+pull with 8 shards gained only 2-3 points
+over one shard (82% against 80% of a raw ZeroMQ echo; each extra message costs
+~0.3 ms of CPU there), where a bare prototype without distnet's checks reached
+~100% (``benchmarks/bench_ps_throughput.py``, BENCHMARKS.md). For small models one
+shard is better: every extra message costs its fixed overhead (``parts_for``).
 """
 
 from __future__ import annotations
