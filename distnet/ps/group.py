@@ -137,9 +137,7 @@ class ServerGroup:
 
     def stop(self, join_timeout: float = 5.0) -> None:
         for s in self.servers:
-            s._stop.set()
-            if not s._ran:
-                s._close_sockets(linger=0)
+            s.stop()  # its own thread is None: this only asks the loop to let it go
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(join_timeout)
 
@@ -155,7 +153,8 @@ def shard_group(params: dict[str, np.ndarray], parts: int | str = "auto", *,
     With ``num_shards`` (the job's total) and ``first_id``, ``params`` is the whole
     model and this group holds shards ``first_id .. first_id+parts-1`` of that plan:
     several server processes then share one plan. binds: one address per shard
-    (default ``tcp://127.0.0.1:0`` each). Other arguments go to every
+    (default ``shard_binds(bind, parts)``: a free port each unless ``bind`` names one).
+    Other arguments go to every
     ``ParameterServer``.
     """
     from distnet.ps.server import ParameterServer  # noqa: PLC0415 - server uses serve_shards
@@ -163,18 +162,19 @@ def shard_group(params: dict[str, np.ndarray], parts: int | str = "auto", *,
 
     n = parts_for(sum(a.nbytes for a in params.values()), parts)
     total = n if num_shards is None else int(num_shards)
-    if not 0 <= first_id or first_id + n > total:
+    if first_id < 0 or first_id + n > total:
         raise ValueError(f"shards {first_id}..{first_id + n - 1} are not all in 0..{total - 1}")
-    if binds is not None and len(binds) != n:
+    binds = shard_binds(server_kwargs.pop("bind", "tcp://127.0.0.1:0"), n) \
+        if binds is None else binds
+    if len(binds) != n:
         raise ValueError(f"{len(binds)} bind addresses for {n} shards")
     plan = plan_shards({k: a.shape for k, a in params.items()}, total)
     pieces = split(params, plan)
     servers: list[Any] = []
     try:
         for j in range(n):
-            bind = binds[j] if binds is not None else server_kwargs.get("bind", "tcp://127.0.0.1:0")
-            kwargs = {**server_kwargs, "bind": bind}
-            servers.append(ParameterServer(pieces[first_id + j], server_id=first_id + j, **kwargs))
+            servers.append(ParameterServer(pieces[first_id + j], server_id=first_id + j,
+                                           bind=binds[j], **server_kwargs))
     except BaseException:
         for s in servers:
             s.stop()

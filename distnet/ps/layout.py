@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from distnet.ps.protocol import DTYPES, Message
-from distnet.ps.sharding import ShardPlan, gather, key_name, plan_from_layouts
+from distnet.ps.sharding import ShardPlan, gather, key_name, plan_from_layouts, put_piece
 
 
 class PSError(RuntimeError):
@@ -79,11 +79,8 @@ def scatter_reply(plan: ShardPlan, server: int, msg: Message,
         return False
     arrays = msg.arrays()
     for p in plan.server_pieces(server):
-        target = out.get(p.name)
-        if target is not None and p.split:
-            target[p.start:p.stop] = arrays[p.key]
-        elif target is not None:
-            target[...] = arrays[p.key]
+        if p.name in out:
+            put_piece(out[p.name], p, arrays[p.key])
     return True
 
 

@@ -165,11 +165,16 @@ def gather(per_server: list[dict[str, np.ndarray]], plan: ShardPlan,
             if target is None:
                 target = np.empty(plan.shapes[p.name], dtype=part.dtype)
         result[p.name] = target
-        if p.split:
-            target[p.start:p.stop] = part
-        else:
-            target[...] = part
+        put_piece(target, p, part)
     return result
+
+
+def put_piece(target: np.ndarray, piece: Piece, part: np.ndarray) -> None:
+    """Copy ``part`` (what ``piece``'s server holds) into the whole-tensor ``target``."""
+    if piece.split:
+        target[piece.start:piece.stop] = part
+    else:
+        target[...] = part
 
 
 def plan_from_layouts(layouts: list[dict[str, tuple[int, ...]]]) -> ShardPlan:
