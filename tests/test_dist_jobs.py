@@ -391,3 +391,17 @@ def alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return state not in ("Z", "X")
+
+
+@pytest.mark.mpi
+def test_shared_memory_off_gives_the_same_parameters(sync_runs, tmp_path):
+    """Workers on the server's host use its /dev/shm segment by default (only headers on
+    ZeroMQ); --no-shared-memory sends every array as frames. Same parameters, bit for bit."""
+    default = sync_runs[2][0]["server_stats"][0]
+    assert default["shm_gradients"] == 2 * default["version"] and default["shared_memory"]
+    result, params = train(tmp_path, "--mode", "sync", "--workers", "2", "--no-shared-memory",
+                           *EQUIV)
+    stats = result["server_stats"][0]
+    assert stats["shm_gradients"] == 0 and stats["bytes_in"] > stats["param_bytes"] * 7
+    for key, value in params.items():  # the same sums in the same order
+        np.testing.assert_array_equal(value, sync_runs[2][1][key], err_msg=key)

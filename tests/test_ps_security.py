@@ -177,3 +177,13 @@ def test_a_curve_server_socket_needs_a_zap_handler(keys):
             make_socket(zmq.ROUTER, security=ServerKeys.from_dir(keys / "cluster"), context=ctx)
     finally:
         ctx.term()
+
+
+def test_a_secured_server_keeps_its_parameters_out_of_shared_memory(keys):
+    """Its data must not bypass the encryption: no /dev/shm segment is offered."""
+    server = ParameterServer({"w": np.zeros(4, np.float32)}, mode="sync", num_workers=1,
+                             security=keys / "cluster")
+    try:
+        assert server.segment is None
+    finally:
+        server.stop()

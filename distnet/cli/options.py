@@ -28,6 +28,10 @@ def add_reliability_options(p: argparse.ArgumentParser) -> None:
                    help="sync/ssp: carry on without a lost worker, or stop the job")
     g.add_argument("--nonfinite", default="reject", choices=("reject", "clip"),
                    help="a NaN/Inf gradient is refused (default) or its bad entries zeroed")
+    g.add_argument("--shared-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="sync mode: workers on a server's host exchange gradients and "
+                        "parameters through /dev/shm, only headers over ZeroMQ (not with "
+                        "--keys)")
 
 
 def server_kwargs(config: dict[str, Any]) -> dict[str, Any]:
@@ -42,6 +46,7 @@ def server_kwargs(config: dict[str, Any]) -> dict[str, Any]:
         "worker_timeout": config.get("worker_timeout"),
         "on_worker_loss": config.get("on_worker_loss") or "continue",
         "nonfinite": config.get("nonfinite") or "reject",
+        "shared_memory": config.get("shared_memory", True) is not False,
         "job_config": {k: v for k, v in config.items()
                        if not k.startswith("_") and isinstance(v, (str, int, float, bool))},
     }
@@ -49,4 +54,5 @@ def server_kwargs(config: dict[str, Any]) -> dict[str, Any]:
 
 def client_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     """``PSClient`` keyword arguments for the options above."""
-    return {"security": config.get("keys"), "key_name": config.get("key_name")}
+    return {"security": config.get("keys"), "key_name": config.get("key_name"),
+            "shared_memory": config.get("shared_memory", True) is not False}

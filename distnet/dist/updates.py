@@ -91,6 +91,17 @@ class PSUpdate:
 
 
 class SyncUpdate(PSUpdate):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        shared = self.client.shared_arrays() if self.on_host else None
+        if shared is not None:
+            # same host: compute on the server's shared parameters and write gradients
+            # straight into this worker's slot (PSClient.shared_arrays says why it is safe)
+            views, slots = shared
+            for name, p in self.params.items():  # the servers' values are the truth
+                p.data, p.grad = views[name], slots[name]
+            self.out = dict(views)
+
     def step(self, step: int) -> None:
         ticket = self.client.push_pull(self.grads(self.weight()), self.version, out=self.out)
         (self.version, arrays), _ = self.wait(ticket, "push_pull_ms")

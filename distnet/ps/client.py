@@ -25,6 +25,11 @@ no longer knows this worker (``code: unregistered``) is registered with again an
 the request resent. After ``timeout`` seconds ``wait`` raises PSTimeoutError naming
 the op, the silent servers and the state of their connections.
 
+Same host: when a server offers its shared-memory segment (``shm.py``) and this
+worker can open it, gradients are copied into this worker's slot there and the
+parameters are copied out of it; only headers go through ZeroMQ. ``bytes_sent`` /
+``bytes_received`` count the wire, ``bytes_shared`` what went through the segment.
+
 Arrays passed to ``push``/``push_pull`` are sent without a copy: do not modify them
 until ``wait`` on that ticket returns (they may be sent again until then). Pulled
 arrays are zero-copy views of the received frames unless ``out=`` names arrays
@@ -37,7 +42,7 @@ already been copied (``out`` then holds what every server holds).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +61,22 @@ from distnet.ps.layout import (
     layout_from,
     raise_errors,
     scatter_reply,
+    valid_layout,
 )
 from distnet.ps.links import Heartbeat, ServerLinks
-from distnet.ps.protocol import DEFAULT_LIMITS, Entry, Limits, Message, ProtocolError, decode
+from distnet.ps.protocol import (
+    DEFAULT_LIMITS,
+    DTYPES,
+    Entry,
+    Limits,
+    Message,
+    ProtocolError,
+    decode,
+    dense_entries,
+)
 from distnet.ps.protocol import encode as encode_message
 from distnet.ps.sharding import split
+from distnet.ps.shm import Segment
 from distnet.ps.transport import DEFAULT_OPTIONS, SocketOptions, frames_nbytes
 
 __all__ = ["Layout", "PSClient", "PSError", "PSTimeoutError", "Ticket"]
@@ -90,6 +106,7 @@ class Ticket:
     resends: int = 0
     reregistered: bool = False
     copied: set[int] = field(default_factory=set)  # servers whose reply is in ``out`` already
+    shared: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # slots it uses
 
 
 class PSClient:
@@ -101,7 +118,8 @@ class PSClient:
     ``server.key`` and ``clients/<key_name>.key_secret`` (default name
     ``worker<id>``). heartbeat_interval: seconds between pings once registered
     (None: no heartbeat thread). retry_interval / retry_max_interval: resend
-    backoff when a server is silent.
+    backoff when a server is silent. shared_memory: use a same-host server's
+    shared-memory segment when it offers one (codec ``none`` only).
     """
 
     def __init__(self, addresses: list[str], worker_id: int, *, codec: str = "none",
@@ -110,7 +128,7 @@ class PSClient:
                  security: ClientKeys | str | Path | None = None,
                  limits: Limits = DEFAULT_LIMITS, key_name: str | None = None,
                  heartbeat_interval: float | None = 1.0, retry_interval: float = 5.0,
-                 retry_max_interval: float = 30.0) -> None:
+                 retry_max_interval: float = 30.0, shared_memory: bool = True) -> None:
         if not addresses:
             raise ValueError("PSClient needs at least one server address")
         config = dict(codec_config or {})
@@ -120,7 +138,7 @@ class PSClient:
         self.addresses, self.worker_id, self.timeout = list(addresses), worker_id, timeout
         self.limits = limits
         self.layout: Layout | None = None
-        self.bytes_sent = self.bytes_received = self.unmatched_replies = 0
+        self.bytes_sent = self.bytes_received = self.bytes_shared = self.unmatched_replies = 0
         self.resends = self.reregistrations = 0
         self.retry_interval, self.retry_max_interval = retry_interval, retry_max_interval
         self.heartbeat_interval = heartbeat_interval
@@ -129,6 +147,10 @@ class PSClient:
         self._open: dict[int, Ticket] = {}
         self._links = ServerLinks(self.addresses, options=socket_options,
                                   security=self._security)
+        self.shared_memory = shared_memory and self.codec.name == "none"
+        self.segments: list[Segment | None] = [None] * len(self.addresses)
+        self._slot_busy: dict[int, Ticket] = {}  # server -> the request using our slot there
+        self._views: set[int] = set()  # ids of segment arrays given out by shared_arrays
         self._heartbeat: Heartbeat | None = None
 
     # ---- requests -----------------------------------------------------------------------
@@ -192,6 +214,10 @@ class PSClient:
             self._heartbeat = None
         self._links.close()
         self._open.clear()
+        for i, seg in enumerate(self.segments):
+            if seg is not None:
+                seg.close()
+                self.segments[i] = None
 
     def __enter__(self) -> PSClient:
         return self
@@ -225,16 +251,89 @@ class PSClient:
         ticket = Ticket(op, self._seq, servers, {}, out)
         codec = self.codec if op in ("push", "push_pull") else _DENSE
         for i in servers:
-            entries = []
-            for key, arr in parts[i].items():
-                payload, meta = codec.compress(key, arr)
-                entries.append(Entry(key, arr.dtype, arr.shape, payload, meta))
             header = {"op": op, "wid": self.worker_id, "seq": ticket.seq, "ver": int(ver), **extra}
-            ticket.frames[i] = encode_message(header, entries, codec=codec.name)
+            seg = self.segments[i]
+            if seg is not None and op in ("pull", "push", "push_pull"):
+                header["seg"] = seg.name  # the segment we read and write: the server checks it
+            if seg is not None and op in ("push", "push_pull") and i not in self._slot_busy:
+                ticket.frames[i] = self._into_slot(ticket, i, seg, parts[i], header)
+            else:
+                entries = []
+                for key, arr in parts[i].items():
+                    payload, meta = codec.compress(key, arr)
+                    entries.append(Entry(key, arr.dtype, arr.shape, payload, meta))
+                ticket.frames[i] = encode_message(header, entries, codec=codec.name)
             ticket.seqs[i] = ticket.seq
             self._transmit(ticket, i)
         self._open[ticket.seq] = ticket
         return ticket
+
+    def _into_slot(self, ticket: Ticket, i: int, seg: Segment, part: dict[str, np.ndarray],
+                   header: dict[str, Any]) -> list[Any]:
+        """Copy a gradient into this worker's slot of server ``i``'s segment; the header
+        that says so. The slot is ours again when the ticket completes."""
+        slot = seg.slot(self.worker_id)
+        for key, dst in slot.items():
+            if part[key] is not dst:  # backward may have written into the slot itself
+                np.copyto(dst, part[key])
+        ticket.shared[i] = slot
+        self._slot_busy[i] = ticket
+        self.bytes_shared += sum(a.nbytes for a in slot.values())
+        return encode_message(header, dense_entries(slot), shared=True)
+
+    def _attach(self, replies: dict[int, Message]) -> None:
+        """Open the shared-memory segment each server's register reply offers, when it is
+        on this host (``Segment.attach`` checks); None for the others."""
+        for i, m in replies.items():
+            lay = m.header.get("layout")
+            old, self.segments[i] = self.segments[i], None
+            if old is not None:
+                old.close()
+                self._views = set()  # those arrays are the old segment's: copy into them
+            self._slot_busy.pop(i, None)  # a new segment: its slot is free
+            if self.shared_memory and valid_layout(lay) and lay.get("shm") is not None:
+                try:
+                    shapes = [tuple(int(d) for d in s) for s in lay["shapes"]]
+                except (TypeError, ValueError):
+                    continue
+                self.segments[i] = Segment.attach(lay["shm"], lay["keys"], shapes,
+                                                  [DTYPES[d] for d in lay["dtypes"]])
+
+    def shared_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
+        """Every parameter's array in the servers' shared memory, and this worker's
+        gradient slot arrays, as name -> array; None unless every parameter lies whole
+        in an attached segment (same host, not split between servers).
+
+        A sync worker can compute on them directly (``Parameter.data``/``.grad``):
+        pushes then copy nothing in, pulls copy nothing out. That is safe because a
+        sync server changes the parameters only after every live worker's push, and
+        reads a slot only while it handles that worker's push; a worker that the
+        server stopped waiting for may compute on changing parameters, and its next
+        gradient is refused as stale."""
+        lay = self._need_layout()
+        params, grads = {}, {}
+        for p in lay.plan.pieces:
+            seg = self.segments[p.server]
+            if seg is None or p.split:
+                return None
+            params[p.name] = seg.params()[p.key]
+            grads[p.name] = seg.slot(self.worker_id)[p.key]
+        self._views = {id(a) for a in params.values()}
+        return params, grads
+
+    def _param_buffers(self, i: int) -> Any:
+        """For ``decode``: the parameter arrays of server ``i``'s segment."""
+        def buffers(h: dict[str, Any]) -> list[np.ndarray]:
+            seg = self.segments[i]
+            if seg is None:
+                raise ProtocolError("parameters in shared memory, but no segment is attached")
+            if h.get("seg") != seg.name:
+                raise ProtocolError(f"a shared-memory reply names segment {h.get('seg')!r:.40}, "
+                                    f"this worker has {seg.name}")
+            if h.get("keys") != seg.keys:
+                raise ProtocolError("keys of a shared-memory reply differ from the segment's")
+            return list(seg.params().values())
+        return buffers
 
     def _transmit(self, ticket: Ticket, i: int, *, resend: bool = False) -> None:
         frames = ticket.frames[i]
@@ -287,6 +386,9 @@ class PSClient:
                 break
         for seq in set(ticket.seqs.values()):
             self._open.pop(seq, None)
+        for i in ticket.shared:
+            if self._slot_busy.get(i) is ticket:
+                del self._slot_busy[i]
 
     def _resend_lost(self, i: int) -> None:
         """Server ``i`` is reachable again: resend what it had not answered when the
@@ -309,11 +411,19 @@ class PSClient:
         self._await(reg, max(0.0, deadline - time.monotonic()))
         raise_errors(reg.op, reg.replies, self.addresses)
         self.reregistrations += 1
+        self._attach(reg.replies)  # a restarted server has a new segment (or none)
         for i in shards:
             self._seq += 1
             header = msgpack.unpackb(ticket.frames[i][0], raw=False)
             header["seq"] = self._seq
-            ticket.frames[i] = [msgpack.packb(header, use_bin_type=True), *ticket.frames[i][1:]]
+            header.pop("seg", None)
+            if self.segments[i] is not None:
+                header["seg"] = self.segments[i].name
+            if header.pop("shm", False):  # the gradient is in the old segment: send it as frames
+                ticket.frames[i] = encode_message(header, dense_entries(ticket.shared.pop(i)))
+            else:
+                ticket.frames[i] = [msgpack.packb(header, use_bin_type=True),
+                                    *ticket.frames[i][1:]]
             ticket.seqs[i] = self._seq
             self._open[self._seq] = ticket
             del ticket.replies[i]
@@ -335,7 +445,8 @@ class PSClient:
             except zmq.Again:
                 return
             try:
-                msg = decode(frames, reply=True, limits=self.limits)
+                msg = decode(frames, reply=True, limits=self.limits,
+                             shared=self._param_buffers(i))
             except ProtocolError as exc:
                 raise PSError(f"server {i} ({self.addresses[i]}) sent a bad reply: {exc}") from None
             self.bytes_received += msg.nbytes
@@ -345,17 +456,40 @@ class PSClient:
                 self.unmatched_replies += 1  # a late reply to a resent or abandoned request
                 continue
             ticket.replies[i] = msg
-            if ticket.out is not None and len(ticket.servers) > 1 \
+            if msg.shared:
+                self._copy_shared(ticket, i, msg)
+            elif ticket.out is not None and len(ticket.servers) > 1 \
                     and ticket.op in ("pull", "push_pull") \
                     and scatter_reply(self._need_layout().plan, i, msg, ticket.out):
                 ticket.copied.add(i)  # copied while the other shards' replies still arrive
+
+    def _copy_shared(self, ticket: Ticket, i: int, msg: Message) -> None:
+        """Copy parameters out of server ``i``'s segment at once (into ``out``, or into
+        arrays of their own) and check that no update ran meanwhile."""
+        plan = self._need_layout().plan
+        out = ticket.out
+        if out is not None and all(p.name in out for p in plan.server_pieces(i)):
+            # arrays that are the segment's own (shared_arrays) need no copy
+            scatter_reply(plan, i, msg, {n: a for n, a in out.items() if id(a) not in self._views})
+            ticket.copied.add(i)
+        else:
+            msg.entries = [replace(e, payload=[p.copy() for p in e.payload]) for e in msg.entries]
+        self.bytes_shared += sum(e.payload[0].nbytes for e in msg.entries)
+        seg = self.segments[i]
+        if seg is None or seg.seq != msg.header["pseq"]:
+            raise PSError(f"server {i} ({self.addresses[i]}) updated its parameters while this "
+                          f"worker copied them out of shared memory (version "
+                          f"{msg.header['ver']}): in sync mode it no longer waited for this "
+                          "worker (dropped as lost?)", {i: "torn"})
 
     def _result(self, ticket: Ticket) -> Any:
         raise_errors(ticket.op, ticket.replies, self.addresses)
         replies = [ticket.replies[i] for i in ticket.servers]
         version = min(m.header["ver"] for m in replies)
         if ticket.op == "register":
-            return layout_from(replies, version)
+            lay = layout_from(replies, version)
+            self._attach(dict(zip(ticket.servers, replies, strict=True)))
+            return lay
         if ticket.op in ("pull", "push_pull"):
             return version, gather_replies(self._need_layout().plan, replies, ticket.out,
                                            ticket.copied)

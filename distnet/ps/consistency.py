@@ -40,6 +40,7 @@ class Waiter:
     target: int
     deadline: float
     since: int | None = None
+    seg: str | None = None  # the shared-memory segment the worker reads parameters from
 
 
 class Consistency:

@@ -49,16 +49,21 @@ def int_keys(stats: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def valid_layout(lay: Any) -> bool:
+    """Whether a register reply's ``layout`` has the keys, shapes and dtypes lists that
+    the client reads (shapes themselves are checked where they are used)."""
+    return (isinstance(lay, dict) and all(isinstance(lay.get(f), list)
+                                          for f in ("keys", "shapes", "dtypes"))
+            and len(lay["keys"]) == len(lay["shapes"]) == len(lay["dtypes"])
+            and all(d in DTYPES for d in lay["dtypes"]))
+
+
 def layout_from(replies: list[Message], version: int) -> Layout:
     """The Layout of every server's ``register`` reply (in server order)."""
     layouts, dtypes = [], {}
     for i, m in enumerate(replies):
         lay = m.header.get("layout")
-        ok = (isinstance(lay, dict) and all(isinstance(lay.get(f), list)
-                                            for f in ("keys", "shapes", "dtypes"))
-              and len(lay["keys"]) == len(lay["shapes"]) == len(lay["dtypes"])
-              and all(d in DTYPES for d in lay["dtypes"]))
-        if not ok:
+        if not valid_layout(lay):
             raise PSError(f"server {i} sent a malformed layout in its register reply")
         layouts.append({k: tuple(s) for k, s in zip(lay["keys"], lay["shapes"], strict=True)})
         for k, d in zip(lay["keys"], lay["dtypes"], strict=True):

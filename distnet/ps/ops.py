@@ -43,6 +43,7 @@ class ServerOps:
     timeout: float
     lr_staleness_scaling: bool
     checkpoints: Any
+    segment: Any
     worker_timeout: float | None
     on_worker_loss: str
     abort_reason: str | None
@@ -62,6 +63,8 @@ class ServerOps:
             self.counters["rejoins"] += 1
         layout = {**self.state.layout(), "mode": self.mode, "num_workers": c.num_workers,
                   "staleness": c.bound or 0, "server_id": self.server_id}
+        if self.segment is not None:  # a worker on this host finds it and uses it
+            layout["shm"] = self.segment.info()
         self._reply(identity, h, layout=layout)
 
     def _op_ping(self, identity: bytes, msg: Message) -> None:
@@ -184,13 +187,16 @@ class ServerOps:
     # ---- deferred replies ----------------------------------------------------------------
     def _park(self, identity: bytes, h: dict[str, Any], kind: str, target: int) -> None:
         self.consistency.park(Waiter(identity, h["op"], h["wid"], h["seq"], kind, target,
-                                     time.monotonic() + self.timeout, h.get("since")))
+                                     time.monotonic() + self.timeout, h.get("since"),
+                                     h.get("seg")))
 
     def _release(self) -> None:
         """Answer every waiter whose condition now holds."""
         c = self.consistency
-        for w in c.take_ready(self.state.version):
-            h = {"op": w.op, "wid": w.wid, "seq": w.seq, "since": w.since}
+        # the latest to arrive first: in a sync round that is the straggler (typically the
+        # worker on the farthest link), whose next push the next round waits for
+        for w in reversed(c.take_ready(self.state.version)):
+            h = {"op": w.op, "wid": w.wid, "seq": w.seq, "since": w.since, "seg": w.seg}
             extra = {"min_clock": c.note_clock_reply(w.target)} if w.kind == "clock" else {}
             if w.op in ("pull", "push_pull"):
                 self._reply_params(w.identity, h, **extra)
@@ -248,7 +254,8 @@ class ServerOps:
             "update_seconds": st.update_seconds,
             **{k: self.counters[k] for k in (
                 "pushes_applied", "gradients_received", "duplicates", "rejected", "timeouts",
-                "replies_dropped", "bytes_in", "bytes_out", "internal_errors", "workers_lost",
+                "replies_dropped", "bytes_in", "bytes_out", "shm_gradients", "shm_replies",
+                "internal_errors", "workers_lost",
                 "rejoins", "recovered", "slow_readers", "handshakes_failed",
                 "checkpoints_written", "checkpoint_errors")},
             # a lost worker's data shard (shard i of the data belongs to worker i) is lost too
@@ -257,6 +264,8 @@ class ServerOps:
             "aborted": self.abort_reason or "",
             "nonfinite": st.nonfinite_gradients, "nonfinite_entries_zeroed": st.nonfinite_entries,
             "nonfinite_policy": st.nonfinite if st.check_finite else "unchecked",
+            "shared_memory": self.segment.name if self.segment is not None else "",
+            "shm_params": st.segment is not None,
             "secure": zap is not None, "auth_accepted": zap.accepted if zap else 0,
             "auth_refused": zap.refused if zap else 0,
             "last_checkpoint": self.checkpoints.last,

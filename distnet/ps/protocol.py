@@ -7,6 +7,11 @@ the message's ``codec``. Metadata and data travel in separate frames so arrays a
 never copied into or out of msgpack: senders pass NumPy buffers to ZeroMQ with
 ``copy=False`` and receivers wrap frames with ``np.frombuffer``.
 
+A message can instead leave its arrays in a shared-memory segment (``shm.py``: a
+worker and a server on one host): its header says ``"shm": true``, still lists
+keys, dtypes, shapes and codec, and no array frames follow; ``decode`` is then
+given the segment's buffers and checks them exactly as it checks frames.
+
 Receiving is defensive: ``decode`` unpacks the header with size limits, checks
 the whole schema (op, version, field types, keys, dtypes from an allow-list,
 shapes, codec metadata, frame count, every frame's byte length) and only then
@@ -17,6 +22,7 @@ is no pickle here, nor anywhere in distnet.ps.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +87,7 @@ class Message:
     header: dict[str, Any]
     entries: list[Entry]
     nbytes: int  # all frames, header included
+    shared: bool = False  # the arrays are views of a shared-memory segment: copy to keep
 
     @property
     def op(self) -> str:
@@ -119,13 +126,15 @@ def dtype_name(dtype: np.dtype) -> str:
     return name
 
 
-def encode(header: dict[str, Any], entries: list[Entry] = (), codec: str = "none") -> list[Any]:
+def encode(header: dict[str, Any], entries: list[Entry] = (), codec: str = "none", *,
+           shared: bool = False) -> list[Any]:
     """Frames ``[header, array...]`` ready for ``send_multipart(copy=False)``.
 
     header: the op fields (op, wid, seq, ver, status, ...); ``v``, ``keys``,
     ``dtypes``, ``shapes``, ``codec`` and ``meta`` are filled in from ``entries``.
     A single-array payload is sent as the array itself (no copy); a multi-array
-    payload (topk) is joined into one frame.
+    payload (topk) is joined into one frame. shared: the arrays are in the shared
+    segment already; only the header goes (``"shm": true``).
     """
     h = dict(header)
     h["v"] = PROTOCOL_VERSION
@@ -134,6 +143,9 @@ def encode(header: dict[str, Any], entries: list[Entry] = (), codec: str = "none
     h["shapes"] = [[int(d) for d in e.shape] for e in entries]
     h["codec"] = codec
     h["meta"] = [e.meta for e in entries]
+    if shared:
+        h["shm"] = True
+        return [msgpack.packb(h, use_bin_type=True)]
     frames: list[Any] = [msgpack.packb(h, use_bin_type=True)]
     for e in entries:
         if len(e.payload) == 1:
@@ -196,6 +208,8 @@ def validate_header(h: Any, frame_sizes: list[int], *, reply: bool = False,
             raise ProtocolError("reply 'message' must be a string")
     if op == "pull":
         _need_int(h, "since", optional=True)
+    if reply and h.get("shm") is True:
+        _need_int(h, "pseq")
     keys = _need_list(h, "keys")
     n = len(keys)
     if n > limits.max_keys:
@@ -275,17 +289,26 @@ def unpack_header(raw: bytes | memoryview, limits: Limits = DEFAULT_LIMITS) -> A
     return h
 
 
-def decode(frames: list[Any], *, reply: bool = False,
-           limits: Limits = DEFAULT_LIMITS) -> Message:
+def decode(frames: list[Any], *, reply: bool = False, limits: Limits = DEFAULT_LIMITS,
+           shared: Callable[[dict[str, Any]], list[Any]] | None = None) -> Message:
     """Validate and decode ``[header, array...]`` (zmq.Frame or bytes-like items).
 
     Arrays are zero-copy views of the frames (``np.frombuffer``), made only after
-    the header and all frame sizes have been checked.
+    the header and all frame sizes have been checked. shared: for a header with
+    ``"shm": true``, gives the segment buffers that stand for the array frames (it
+    raises ProtocolError when the header does not fit the segment).
     """
     if not frames:
         raise ProtocolError("empty message")
     views = [_frame_view(f) for f in frames]
     header = unpack_header(views[0], limits)
+    in_shm = isinstance(header, dict) and header.get("shm") is True
+    if in_shm:
+        if len(views) != 1:
+            raise ProtocolError("a message with its arrays in shared memory has no array frames")
+        if shared is None:
+            raise ProtocolError("arrays in shared memory, but this side has no segment for them")
+        views = [views[0], *(_frame_view(b) for b in shared(header))]
     specs = validate_header(header, [v.nbytes for v in views[1:]], reply=reply, limits=limits)
     entries = []
     for key, view, (dtype, shape, layout), meta in zip(
@@ -295,7 +318,8 @@ def decode(frames: list[Any], *, reply: bool = False,
             payload.append(np.frombuffer(view, dtype=dt, count=count, offset=offset))
             offset += count * dt.itemsize
         entries.append(Entry(key, dtype, shape, payload, meta))
-    return Message(header, entries, sum(v.nbytes for v in views))
+    return Message(header, entries, views[0].nbytes if in_shm else sum(v.nbytes for v in views),
+                   in_shm)
 
 
 def peek_fields(frames: list[Any]) -> dict[str, Any]:

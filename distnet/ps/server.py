@@ -21,6 +21,10 @@ Reliability (see RELIABILITY.md): bad messages get an error reply, are counted i
 dropped from every wait (or, with ``on_worker_loss="abort"``, ends the job);
 checkpoints every ``checkpoint_every`` versions let ``resume`` carry on after a
 crash; without CURVE keys (``security``) the server only listens locally.
+
+Same host (``shm.py``): a sync-mode server without CURVE keys keeps its parameters
+in a shared-memory segment with a gradient slot per worker; workers on its host
+send and receive only headers (``shared_memory=False`` turns this off).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from distnet.ps.protocol import (
     encode,
     peek_fields,
 )
+from distnet.ps.shm import Segment
 from distnet.ps.state import OptimizerSpec, ServerState
 from distnet.ps.transport import (
     DEFAULT_OPTIONS,
@@ -68,6 +73,14 @@ _INFLIGHT_WAIT_S = 1.0  # how long an update waits for a parameter reply still b
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 LOSS_POLICIES = ("continue", "abort")
+
+
+class StaleSegment(ProtocolError):
+    """A gradient left in a segment this server does not have: the worker attached to a
+    server that ran on this host before (a restart). ``unregistered`` makes it register
+    again, attach the new segment, and resend the gradient as frames."""
+
+    code = "unregistered"
 
 
 class ParameterServer(ServerOps):
@@ -109,7 +122,8 @@ class ParameterServer(ServerOps):
                  checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0,
                  checkpoint_keep: int = 2, checkpoint_on_stop: bool | None = None,
                  resume: str | Path | bool | None = None,
-                 job_config: dict[str, Any] | None = None, allow_insecure: bool = False) -> None:
+                 job_config: dict[str, Any] | None = None, allow_insecure: bool = False,
+                 shared_memory: bool = True) -> None:
         if on_worker_loss not in LOSS_POLICIES:
             raise ValueError(f"on_worker_loss must be one of {LOSS_POLICIES}, "
                              f"got {on_worker_loss!r}")
@@ -135,6 +149,14 @@ class ParameterServer(ServerOps):
         self.checkpoints = ckpt.Checkpointer(checkpoint_dir, checkpoint_every, checkpoint_keep,
                                              checkpoint_on_stop, resume)
         self.checkpoints.resume(self)
+        # sync only: there a round's update never overlaps a worker's copy (see shm.py);
+        # a secured server's data must not bypass its encryption
+        self.segment = (Segment.create(self.state.arrays, num_workers)
+                        if shared_memory and mode == "sync" and keys is None and self.state.arrays
+                        else None)
+        if self.segment is not None:
+            self.state.relocate(self.segment.params())
+            self.state.segment = self.segment
         self._params_entries = dense_entries(self.state.arrays)  # live arrays: built once
         self._inflight: list[zmq.MessageTracker] = []
         self._stop = threading.Event()
@@ -174,6 +196,8 @@ class ParameterServer(ServerOps):
         self._close_sockets()  # LINGER lets the last replies (shutdown's) go out
 
     def _close_sockets(self, linger: int | None = None) -> None:
+        if getattr(self, "segment", None) is not None:
+            self.segment.close()
         if getattr(self, "_sock", None) is not None:
             if getattr(self, "_monitor", None) is not None:
                 self._sock.disable_monitor()
@@ -243,9 +267,9 @@ class ParameterServer(ServerOps):
         identity, body = frames[0].bytes, frames[1:]
         self.counters["bytes_in"] += frames_nbytes(frames)
         try:
-            msg = decode(body, limits=self.limits)
+            msg = decode(body, limits=self.limits, shared=self._slot_buffers)
         except ProtocolError as exc:
-            self._reject(identity, peek_fields(body), str(exc), "bad_message")
+            self._reject(identity, peek_fields(body), str(exc), getattr(exc, "code", "bad_message"))
             return
         h = msg.header
         op, wid = h["op"], h["wid"]
@@ -267,6 +291,26 @@ class ParameterServer(ServerOps):
             self.counters["internal_errors"] += 1
             log.exception("server %d: %s from worker %s failed", self.server_id, op, wid)
             self._reject(identity, h, f"internal error: {type(exc).__name__}: {exc}", "internal")
+
+    def _slot_buffers(self, h: dict[str, Any]) -> list[np.ndarray]:
+        """The arrays of a gradient that a worker left in its shared-memory slot."""
+        seg, op, wid = self.segment, h.get("op"), h.get("wid")
+        if seg is None:
+            raise ProtocolError("this server has no shared-memory segment: send the arrays "
+                                "as frames")
+        if op not in ("push", "push_pull"):
+            raise ProtocolError(f"{op!r:.20} carries no arrays in shared memory")
+        if type(wid) is not int or not 0 <= wid < seg.num_slots:
+            raise ProtocolError(f"worker id {wid!r:.20} has no shared-memory slot "
+                                f"(0..{seg.num_slots - 1})")
+        if h.get("seg") != seg.name:  # written for a server that ran here before a restart
+            raise StaleSegment(f"worker {wid}'s gradient is in segment {h.get('seg')!r:.40}, "
+                               f"not this server's ({seg.name}): register again")
+        if h.get("keys") != seg.keys:
+            raise ProtocolError("a gradient in shared memory must list this server's keys in "
+                                "its order")
+        self.counters["shm_gradients"] += 1
+        return list(seg.slot(wid).values())
 
     def _check_worker(self, wid: int) -> None:
         n = self.consistency.num_workers
@@ -293,6 +337,13 @@ class ParameterServer(ServerOps):
         since = h.get("since")
         if since is not None and self.state.version <= since:
             self._send(identity, self._header(h, not_modified=True, **extra))
+        elif self.state.segment is not None and h.get("seg") == self.state.segment.name:
+            # the worker copies them out of the segment; pseq lets it check that no
+            # update ran meanwhile
+            self.counters["shm_replies"] += 1
+            seg = self.state.segment
+            self._send(identity, self._header(h, pseq=seg.seq, seg=seg.name, **extra),
+                       self._params_entries, shared=True)
         else:
             self._send(identity, self._header(h, **extra), self._params_entries, track=True)
 
@@ -304,8 +355,8 @@ class ParameterServer(ServerOps):
         self._send(identity, self._header(h, "error", text, code=code))
 
     def _send(self, identity: bytes, header: dict[str, Any], entries: list = (),
-              track: bool = False) -> None:
-        frames = [identity, *encode(header, entries)]
+              track: bool = False, shared: bool = False) -> None:
+        frames = [identity, *encode(header, entries, shared=shared)]
         try:  # never block the loop on one peer: a full queue drops the reply (it resends)
             tracker = send_frames(self._sock, frames, track=track, noblock=True)
         except zmq.ZMQError as exc:  # the peer left (EHOSTUNREACH) or its pipe is full
@@ -328,6 +379,9 @@ class ParameterServer(ServerOps):
                 t.wait(max(0.0, deadline - time.monotonic()))
             except zmq.NotDone:
                 self.counters["slow_readers"] += 1
+                if self.state.segment is not None:
+                    log.info("server %d: a slow reader; parameters leave shared memory",
+                             self.server_id)
                 self.state.detach()
                 self._params_entries = dense_entries(self.state.arrays)
                 break

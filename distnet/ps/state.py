@@ -93,6 +93,7 @@ class ServerState:
         self.nonfinite_gradients = 0  # gradients that had NaN/inf entries (refused or clipped)
         self.nonfinite_entries = 0  # entries set to zero by nonfinite="clip"
         self.version = 0
+        self.segment: Any = None  # a shm.Segment holding the arrays: writes go under its seqlock
         self.update_seconds = 0.0  # time spent in optimizer steps (for stats)
         self._decoders: dict[str, Codec] = {}
         self._scratch: dict[str, np.ndarray] = {}
@@ -128,7 +129,7 @@ class ServerState:
         decoder = self._decoders.get(name)
         if decoder is None:
             decoder = self._decoders[name] = codec_class(name)()
-        views = name == "none"
+        views = name == "none" and not msg.shared  # a worker rewrites its slot: never hold it
         grads: dict[str, np.ndarray] = {}
         for e in msg.entries:
             target = self.arrays[e.key]
@@ -172,7 +173,11 @@ class ServerState:
             self.optimizer.lr = self.current_lr() * lr_scale
             for key, g in grads.items():
                 self.params[key].grad = g
-            self.optimizer.step()
+            if self.segment is not None:
+                with self.segment.writing():
+                    self.optimizer.step()
+            else:
+                self.optimizer.step()
         self.version += 1
         self.update_seconds += time.perf_counter() - t0
 
@@ -212,11 +217,17 @@ class ServerState:
 
     def detach(self) -> None:
         """Give every parameter a fresh copy of its array, leaving the old arrays to
-        replies still being sent (a peer that reads slowly must not stall updates)."""
-        for key, arr in self.arrays.items():
-            fresh = arr.copy()
-            self.arrays[key] = fresh
-            self.params[key].data = fresh
+        replies still being sent (a peer that reads slowly must not stall updates).
+        The parameters leave a shared segment too (its readers then get frames)."""
+        self.relocate({key: arr.copy() for key, arr in self.arrays.items()})
+        self.segment = None
+
+    def relocate(self, arrays: dict[str, np.ndarray]) -> None:
+        """Keep the parameters in ``arrays`` from now on (same keys, already holding the
+        values): fresh copies, or views of a shared-memory segment."""
+        for key, arr in arrays.items():
+            self.arrays[key] = arr
+            self.params[key].data = arr
 
     def apply_accumulated(self) -> int:
         """Apply the mean of the round's gradients (summed in place, divided once);

@@ -1,0 +1,202 @@
+"""The same-host data plane (``distnet.ps.shm``): gradients and parameters in /dev/shm,
+headers on ZeroMQ. Equal results to frames, zero-copy arrays, what refuses to attach,
+torn reads, malformed shared-memory messages, slot reuse, and cleanup."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import re
+import time
+
+import numpy as np
+import pytest
+import zmq
+from test_ps_server import run_workers, serving
+
+from distnet.ps import PSClient, PSError
+from distnet.ps.protocol import decode, dense_entries, encode
+from distnet.ps.shm import DIRECTORY, Segment, remove_stale
+
+pytestmark = pytest.mark.skipif(not os.path.isdir(DIRECTORY), reason=f"no {DIRECTORY} here")
+
+RNG = np.random.default_rng(5)
+PARAMS = {"w": RNG.standard_normal((300, 78)).astype(np.float32),
+          "b": np.zeros(78, np.float32), "v": RNG.standard_normal(5).astype(np.float32)}
+KW = {"optimizer": "momentum", "optimizer_config": {"lr": 0.05, "momentum": 0.9},
+      "mode": "sync", "num_workers": 2}
+
+
+def grads(wid: int, t: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(10 * wid + t)
+    return {k: rng.standard_normal(a.shape).astype(np.float32) for k, a in PARAMS.items()}
+
+
+def train(shared: bool, steps: int = 4, zero_copy: bool = False) -> tuple[dict, list, dict]:
+    """Two workers in threads, sync push_pulls; final parameters, clients' counters and the
+    server's stats."""
+    counters: list = [None, None]
+    with serving(PARAMS, shared_memory=shared, **KW) as server:
+        def worker(wid: int) -> None:
+            with PSClient([server.address], wid, timeout=10, shared_memory=shared) as c:
+                c.register()
+                out = {k: np.empty_like(a) for k, a in PARAMS.items()}
+                slots = None
+                if zero_copy:
+                    shared_arrays = c.shared_arrays()
+                    assert shared_arrays is not None
+                    out, slots = shared_arrays
+                v, _ = c.wait(c.pull(out=out))
+                for t in range(steps):
+                    g = grads(wid, t)
+                    if slots is not None:  # what backward does: write into the slot
+                        for k, a in g.items():
+                            slots[k][...] = a
+                        g = slots
+                    v, p = c.wait(c.push_pull(g, v, out=out))
+                    assert v == t + 1 and all(p[k] is out[k] for k in p)
+                held = {k: a.copy() for k, a in out.items()}
+                counters[wid] = (c.bytes_sent, c.bytes_shared, held)
+        run_workers(2, worker)
+        stats = server.stats()
+        final = {k: a.copy() for k, a in server.state.arrays.items()}
+    return final, counters, stats
+
+
+def test_shared_memory_gives_the_same_parameters_as_frames():
+    by_frames, frame_counters, frame_stats = train(shared=False)
+    by_shm, shm_counters, shm_stats = train(shared=True)
+    zero_copy, _, zc_stats = train(shared=True, zero_copy=True)
+    for k in PARAMS:
+        np.testing.assert_array_equal(by_shm[k], by_frames[k])
+        np.testing.assert_array_equal(zero_copy[k], by_frames[k])
+        for counters in (shm_counters, frame_counters):
+            np.testing.assert_array_equal(counters[1][2][k], by_frames[k])  # what workers hold
+    nbytes = sum(a.nbytes for a in PARAMS.values())
+    assert frame_stats["shm_gradients"] == 0 and frame_stats["shared_memory"] == ""
+    assert shm_stats["shm_gradients"] == 8 and shm_stats["shm_replies"] == 10  # + 2 pulls
+    assert zc_stats["shm_gradients"] == 8
+    # only headers on the wire; the data went through the segment
+    assert frame_counters[0][0] > 4 * nbytes > 10 * shm_counters[0][0]
+    assert shm_counters[0][1] >= 8 * nbytes
+
+
+def test_no_segment_when_async_or_turned_off():
+    with serving(PARAMS, **{**KW, "mode": "async"}) as server:
+        assert server.segment is None
+        with PSClient([server.address], 0, timeout=5) as c:
+            c.register()
+            assert c.segments == [None] and c.shared_arrays() is None
+    with serving(PARAMS, shared_memory=False, **KW) as server:
+        assert server.segment is None
+    with serving(PARAMS, **KW) as server, \
+            PSClient([server.address], 0, timeout=5, codec="fp16") as c:
+        c.register()  # a compressing client sends frames: the segment holds raw floats
+        assert server.segment is not None and c.segments == [None]
+
+
+def test_attach_refuses_what_is_not_this_hosts_segment():
+    seg = Segment.create(PARAMS, 2)
+    assert seg is not None
+    try:
+        keys = list(PARAMS)
+        shapes = [a.shape for a in PARAMS.values()]
+        dtypes = [a.dtype for a in PARAMS.values()]
+        good = seg.info()
+        other = Segment.attach(good, keys, shapes, dtypes)
+        assert other is not None
+        np.testing.assert_array_equal(other.params()["w"], PARAMS["w"])
+        other.close()
+        assert os.path.exists(seg.path)  # only the owner removes the file
+        for bad in ({**good, "nonce": bytes(16)},                    # another host's file
+                    {**good, "name": "distnet-1-000000000000"},      # no such file
+                    {**good, "name": "../../etc/passwd"},            # not a segment name
+                    {**good, "size": good["size"] + 4096},           # another layout
+                    {**good, "slots": "2"}, "not a map"):
+            assert Segment.attach(bad, keys, shapes, dtypes) is None, bad
+        assert Segment.attach(good, keys, [(1,), *shapes[1:]], dtypes) is None
+    finally:
+        seg.close()
+    assert not os.path.exists(seg.path)
+
+
+def test_a_torn_copy_is_refused():
+    """The server changing its parameters while a worker copies them out: the seqlock
+    counter in the reply no longer matches and the copy is refused, not used."""
+    with serving(PARAMS, **KW) as server, PSClient([server.address], 0, timeout=5) as c:
+        c.register()
+        ticket = c.pull(out={k: np.empty_like(a) for k, a in PARAMS.items()})
+        deadline = time.monotonic() + 5
+        while server.stats()["shm_replies"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with server.segment.writing():  # an update under way when the worker copies
+            with pytest.raises(PSError, match="updated its parameters while this worker"):
+                c.wait(ticket)
+
+
+def _request(server, header: dict, entries=()) -> dict:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(server.address)
+    try:
+        sock.send_multipart(encode({"wid": 0, "seq": 1, "ver": 0, **header}, entries,
+                                   shared=True))
+        assert sock.poll(5000), "no reply"
+        return decode(sock.recv_multipart(), reply=True).header
+    finally:
+        sock.close(linger=0)
+
+
+def test_malformed_shared_memory_requests_are_refused():
+    with serving(PARAMS, **KW) as server:
+        seg = server.segment
+        entries = dense_entries(seg.slot(0))
+        name = seg.name
+        cases = [({"op": "pull", "seg": name}, [], "carries no arrays in shared memory"),
+                 ({"op": "push", "seg": name, "wid": 7}, entries, "has no shared-memory slot"),
+                 ({"op": "push", "seg": name}, entries[::-1], "this server's keys in its order"),
+                 ({"op": "push", "seg": "distnet-1-000000000000"}, entries,
+                  "not this server's .* register again")]
+        for header, ents, text in cases:
+            reply = _request(server, header, ents)
+            assert reply["status"] == "error", header
+            assert re.search(text, reply["message"]), reply["message"]
+        assert _request(server, cases[-1][0], entries)["code"] == "unregistered"
+        assert server.stats()["pushes_applied"] == 0 and server.state.version == 0
+    with serving(PARAMS, shared_memory=False, **KW) as server:
+        reply = _request(server, {"op": "push"}, entries)
+        assert "no shared-memory segment" in reply["message"]
+
+
+def test_a_busy_slot_sends_frames():
+    """A second push while the first still uses the slot goes as frames, so the slot is
+    never rewritten under a request in flight."""
+    with serving(PARAMS, **KW) as server, PSClient([server.address], 0, timeout=5) as c:
+        c.register()
+        first = c.push(grads(0, 0), 0)
+        before = c.bytes_sent
+        second = c.push(grads(0, 1), 0)
+        assert c.bytes_sent - before > sum(a.nbytes for a in PARAMS.values())
+        c.wait(first)
+        with pytest.raises(PSError, match="already pushed"):
+            c.wait(second)
+        before = c.bytes_sent
+        c.push(grads(0, 2), 0)  # the slot is free again: only a header
+        assert c.bytes_sent - before < 4096
+
+
+def _exit_now() -> None:
+    pass
+
+
+def test_segments_are_removed_on_close_and_after_a_crash():
+    with serving(PARAMS, **KW) as server:
+        path = server.segment.path
+        assert os.path.exists(path) and os.stat(path).st_mode & 0o777 == 0o600
+    assert not os.path.exists(path)
+    proc = mp.get_context("spawn").Process(target=_exit_now)
+    proc.start()
+    proc.join(30)
+    stale = os.path.join(DIRECTORY, f"distnet-{proc.pid}-0123456789ab")
+    with open(stale, "wb") as f:
+        f.write(b"x")
+    assert remove_stale() >= 1 and not os.path.exists(stale)
