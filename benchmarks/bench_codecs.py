@@ -35,7 +35,9 @@ def bench_codecs(a: argparse.Namespace, tmp: Path) -> None:
     rows: dict[str, dict[str, list[float]]] = {c: {} for c in codecs}
     for seed in seeds:
         for codec in (codecs if seed % 2 == 0 else codecs[::-1]):
-            run = run_train(job_args("sync", 2, a.epochs, "--codec", codec, seed=seed),
+            # every codec on the wire (the same-host shared memory would carry "none")
+            run = run_train(job_args("sync", 2, a.epochs, "--codec", codec,
+                                     "--no-shared-memory", seed=seed),
                             tmp / f"codec-{codec.replace(':', '')}-{seed}")
             row = rows[codec]
             for key in ("bytes_sent", "bytes_received", "push_pull_ms"):

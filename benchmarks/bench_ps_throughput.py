@@ -65,8 +65,10 @@ def _ps_server(queue, n: int, optimizer: str, mode: str, parts: int = 1) -> None
     limit_threads(1)  # as distnet's server processes do (dist/server_role.serve)
 
     params = {"w": np.zeros(n, np.float32)}
+    # the wire is what is measured: no same-host shared memory (it would bypass ZeroMQ)
     group = shard_group(params, parts, optimizer=_NoUpdate if optimizer == "none" else optimizer,
-                        optimizer_config={"lr": 1e-3}, mode=mode, num_workers=1)
+                        optimizer_config={"lr": 1e-3}, mode=mode, num_workers=1,
+                        shared_memory=False)
     queue.put(group.addresses)
     group.run()
 

@@ -60,6 +60,7 @@ def epoch_step_times(run: Run) -> list[float]:
 # name -> (mode, extra options, table label); every variant runs in every round
 VARIANTS = {"sync": ("sync", (), "sync (server rank)"),
             "colocated": ("sync", ("--colocate",), "sync --colocate"),
+            "frames": ("sync", ("--colocate", "--no-shared-memory"), "  same, no shared memory"),
             "allreduce": ("allreduce", (), "allreduce (MPI)")}
 
 
