@@ -296,8 +296,12 @@ class PSClient:
                     shapes = [tuple(int(d) for d in s) for s in lay["shapes"]]
                 except (TypeError, ValueError):
                     continue
-                self.segments[i] = Segment.attach(lay["shm"], lay["keys"], shapes,
-                                                  [DTYPES[d] for d in lay["dtypes"]])
+                seg = Segment.attach(lay["shm"], lay["keys"], shapes,
+                                     [DTYPES[d] for d in lay["dtypes"]])
+                if seg is not None and self.worker_id >= seg.num_slots:
+                    seg.close()  # no slot for this id: the server refuses it anyway
+                    seg = None
+                self.segments[i] = seg
 
     def shared_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
         """Every parameter's array in the servers' shared memory, and this worker's
