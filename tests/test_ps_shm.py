@@ -200,3 +200,29 @@ def test_segments_are_removed_on_close_and_after_a_crash():
     with open(stale, "wb") as f:
         f.write(b"x")
     assert remove_stale() >= 1 and not os.path.exists(stale)
+
+
+def test_a_round_answers_its_last_worker_first():
+    """The worker whose gradient completed the round is the straggler (on one host: the
+    one across TCP); its reply goes out first, since the next round waits for it."""
+    with serving(PARAMS, **KW) as server, \
+            PSClient([server.address], 0, timeout=5) as c0, \
+            PSClient([server.address], 1, timeout=5) as c1:
+        for c in (c0, c1):
+            c.register()
+        sent: list[int] = []
+        send = server._send
+
+        def recording(identity, header, *args, **kwargs):
+            if header["op"] == "push_pull":
+                sent.append(header["wid"])
+            return send(identity, header, *args, **kwargs)
+
+        server._send = recording
+        first = c0.push_pull(grads(0, 0), 0)
+        deadline = time.monotonic() + 5
+        while server.stats()["gradients_received"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        second = c1.push_pull(grads(1, 0), 0)
+        assert c0.wait(first)[0] == c1.wait(second)[0] == 1
+        assert sent == [1, 0]

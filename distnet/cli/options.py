@@ -7,8 +7,9 @@ from typing import Any
 
 
 def add_reliability_options(p: argparse.ArgumentParser) -> None:
-    """Server checkpoints, failure handling and CURVE security (see docs/operations.md)."""
-    g = p.add_argument_group("faults and security")
+    """Server checkpoints, failure handling, CURVE security and the same-host data plane
+    (see docs/operations.md)."""
+    g = p.add_argument_group("faults, security and same-host transfers")
     g.add_argument("--keys", default=None, metavar="DIR",
                    help="CURVE keys from `distnet keygen` (required to bind a non-loopback "
                         "address)")
