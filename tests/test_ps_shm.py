@@ -226,3 +226,16 @@ def test_a_round_answers_its_last_worker_first():
         second = c1.push_pull(grads(1, 0), 0)
         assert c0.wait(first)[0] == c1.wait(second)[0] == 1
         assert sent == [1, 0]
+
+
+def test_arrays_outlive_a_closed_segment():
+    """Closing a segment (a client re-attaching, a server stopping) must not unmap memory
+    that arrays still view: reading them afterwards is valid, not a crash."""
+    seg = Segment.create(PARAMS, 1)
+    assert seg is not None
+    params, slot = seg.params(), seg.slot(0)
+    seg.close()
+    assert not os.path.exists(seg.path)
+    np.testing.assert_array_equal(params["w"], PARAMS["w"])
+    slot["v"][...] = 1.0
+    assert float(slot["v"].sum()) == 5.0

@@ -193,14 +193,13 @@ class Segment:
 
     # ---- closing ---------------------------------------------------------------------------
     def close(self) -> None:
-        """Unmap (arrays still viewing the segment keep it mapped until they go); the
-        owner also removes the file."""
+        """Let go of the mapping; the owner also removes the file. The mapping itself is
+        never closed here: arrays viewing it (a model's parameters, a ticket's slot) hold
+        the mmap object as their base and keep it mapped until the last one goes, whereas
+        ``mmap.close()`` would unmap under them (NumPy holds no buffer export for it)."""
         if self._mm is None:
             return
-        self._regions, self._seq = [], None  # type: ignore[assignment]
-        with contextlib.suppress(BufferError):  # views still exist: the GC unmaps later
-            self._mm.close()
-        self._mm = None
+        self._regions, self._seq, self._mm = [], None, None  # type: ignore[assignment]
         if self.owner:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
