@@ -7,6 +7,9 @@ as PSClient does with ``out=``; a second raw row copies nothing):
 - raw:  DEALER -> ROUTER that echoes the same frames (copy=False both ways);
 - raw, held: the same echo, but the server busy-waits ``--hold-ms`` before each
         reply (what any server-side work costs the round trip, with no work);
+- raw, kept: the same echo from a server process that keeps freed message buffers
+        for reuse (``transport.keep_receive_buffers``), as distnet's server processes
+        do: the same allocator on both sides;
 - ps:   PSClient.push_pull -> ParameterServer (validation, NaN check, SGD with
         momentum applied in place) -> the new parameters; one shard, and ``--parts``
         shards served by one loop in one process (``distnet.ps.group``: each shard's
@@ -32,7 +35,11 @@ import numpy as np
 import zmq
 
 
-def _echo_server(queue, hold_s: float = 0.0) -> None:
+def _echo_server(queue, hold_s: float = 0.0, keep: bool = False) -> None:
+    if keep:  # the allocator setting distnet's server processes use
+        from distnet.ps.transport import keep_receive_buffers
+
+        keep_receive_buffers()
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.bind("tcp://127.0.0.1:0")
@@ -61,8 +68,10 @@ class _NoUpdate:
 def _ps_server(queue, n: int, optimizer: str, mode: str, parts: int = 1) -> None:
     from distnet.optim.blas import limit_threads
     from distnet.ps.group import shard_group
+    from distnet.ps.transport import keep_receive_buffers
 
-    limit_threads(1)  # as distnet's server processes do (dist/server_role.serve)
+    limit_threads(1)  # as distnet's server processes do (dist/server_role.serve),
+    keep_receive_buffers()  # which also keep message buffers for reuse
 
     params = {"w": np.zeros(n, np.float32)}
     # the wire is what is measured: no same-host shared memory (it would bypass ZeroMQ)
@@ -145,13 +154,15 @@ def main() -> None:
     grad = np.random.default_rng(1).standard_normal(n).astype(np.float32) * 1e-3
     echo_proc, echo_addr = _start(_echo_server)
     held_proc, held_addr = _start(_echo_server, args.hold_ms / 1e3)
+    kept_proc, kept_addr = _start(_echo_server, 0.0, True)
     ps_proc, ps_addr = _start(_ps_server, n, args.optimizer, args.mode)
     bare_proc, bare_addr = _start(_ps_server, n, "none", args.mode)
     parts_proc, parts_addr = _start(_ps_server, n, args.optimizer, args.mode, args.parts)
     ctx = zmq.Context.instance()
-    raw, held = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    raw, held, kept = (ctx.socket(zmq.DEALER) for _ in range(3))
     raw.connect(echo_addr)
     held.connect(held_addr)
+    kept.connect(kept_addr)
     clients = [PSClient(addrs, 0, timeout=60) for addrs in (ps_addr, bare_addr, parts_addr)]
     versions = []
     for c in clients:
@@ -161,14 +172,17 @@ def main() -> None:
     out = np.zeros_like(grad)  # the worker's parameters: every method delivers into them
     _time_raw(raw, grad, 3, out)  # warm up connections and page in buffers
     _time_raw(held, grad, 3, out)
+    _time_raw(kept, grad, 3, out)
     for i, c in enumerate(clients):
         _, versions[i] = _time_ps(c, grad, 3, versions[i], out)
     raw_t, view_t, held_t, ps_t, bare_t, parts_t, block_ratios = [], [], [], [], [], [], []
+    kept_t: list[float] = []
     ps_view_t: list[float] = []
     for _ in range(args.blocks):
         r = _time_raw(raw, grad, args.iters, out)
         view_t += _time_raw(raw, grad, args.iters, None)
         held_t += _time_raw(held, grad, args.iters, out)
+        kept_t += _time_raw(kept, grad, args.iters, out)
         p, versions[0] = _time_ps(clients[0], grad, args.iters, versions[0], out)
         v, versions[0] = _time_ps(clients[0], grad, args.iters, versions[0], None)
         ps_view_t += v
@@ -181,16 +195,17 @@ def main() -> None:
     for c in clients:
         c.shutdown()
         c.close()
-    for sock in (raw, held):
+    for sock in (raw, held, kept):
         sock.send_multipart([b"h", b"stop"])
         sock.close(linger=1000)
-    for proc in (echo_proc, held_proc, ps_proc, bare_proc, parts_proc):
+    for proc in (echo_proc, held_proc, kept_proc, ps_proc, bare_proc, parts_proc):
         proc.join(10)
 
     nbytes = 2 * grad.nbytes  # there and back
     rows = [("raw pyzmq echo (DEALER/ROUTER)", raw_t),
             ("raw echo, reply not copied out", view_t),
             (f"raw echo, reply held {args.hold_ms:g} ms (busy)", held_t),
+            ("raw echo, server keeps buffers as ps", kept_t),
             (f"ps push_pull, {args.parts} shards in 1 process", parts_t),
             (f"ps push_pull, 1 shard ({args.optimizer}, {args.mode})", ps_t),
             ("ps push_pull, 1 shard, reply not copied out", ps_view_t),
@@ -214,6 +229,8 @@ def main() -> None:
           f"{statistics.median(block_ratios):.1%}")
     print(f"against the raw echo that copies nothing out:      "
           f"{statistics.median(view_t) / statistics.median(parts_t):.1%}")
+    print(f"against a raw echo keeping its buffers as ps does: "
+          f"{statistics.median(kept_t) / statistics.median(parts_t):.1%}")
     print(f"one shard (update between receive and reply):      {one:.1%}")
     print(f"one shard, neither copying the reply out:          "
           f"{statistics.median(view_t) / statistics.median(ps_view_t):.1%}")

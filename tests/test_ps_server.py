@@ -7,6 +7,9 @@ threads, each with its own PSClient.
 from __future__ import annotations
 
 import multiprocessing as mp
+import platform
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -399,3 +402,31 @@ def test_server_in_a_subprocess_stops_on_shutdown():
     finally:
         if proc.is_alive():
             proc.kill()
+
+
+_ROUNDS = """
+import resource, sys, numpy as np
+from distnet.ps.transport import keep_receive_buffers
+if sys.argv[1] == "keep":
+    assert keep_receive_buffers()
+def one_round():  # the frames of one round of 8 shards of 2 MB, received then freed
+    frames = [np.ones(1 << 19, np.float32) for _ in range(8)]
+    del frames
+one_round()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    one_round()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc allocator setting")
+def test_server_processes_keep_message_buffers_instead_of_faulting_them_in_again():
+    faults = {}
+    for how in ("default", "keep"):
+        done = subprocess.run([sys.executable, "-c", _ROUNDS, how], capture_output=True,
+                              text=True, timeout=60, check=True)
+        faults[how] = int(done.stdout)
+    pages = 20 * 8 * (2 << 20) // 4096
+    assert faults["default"] > pages // 2  # glibc gave the 16 MB back and mapped it again
+    assert faults["keep"] < pages // 50

@@ -184,6 +184,29 @@ def test_a_busy_slot_sends_frames():
         assert c.bytes_sent - before < 4096
 
 
+@pytest.mark.parametrize("nonfinite", ["reject", "clip"])
+def test_a_nonfinite_gradient_in_a_slot_is_caught(nonfinite):
+    """The slot is read in place (no copy on the way in), and still checked: a NaN is
+    refused, leaving the round and the parameters as they were, or zeroed ("clip")."""
+    kw = {**KW, "num_workers": 1, "nonfinite": nonfinite}
+    with serving(PARAMS, **kw) as server, PSClient([server.address], 0, timeout=5) as c:
+        c.register()
+        bad = grads(0, 0)
+        bad["w"][3, 4] = np.nan
+        if nonfinite == "reject":
+            with pytest.raises(PSError, match="NaN or inf"):
+                c.wait(c.push_pull(bad, 0))
+            for k, a in PARAMS.items():
+                np.testing.assert_array_equal(server.state.arrays[k], a)
+            version, _ = c.wait(c.push_pull(grads(0, 1), 0))  # the round is still open
+        else:
+            version, params = c.wait(c.push_pull(bad, 0))
+            assert np.isfinite(params["w"]).all() and params["w"][3, 4] == PARAMS["w"][3, 4]
+        stats = server.stats()
+        assert version == 1 and stats["shm_gradients"] == 2 - (nonfinite == "clip")
+        assert stats["nonfinite"] == 1
+
+
 def _exit_now() -> None:
     pass
 

@@ -104,12 +104,14 @@ def serve(server: Any, config: dict[str, Any], rank: int | str,
     from distnet.dist.worker import rank_metrics_path
     from distnet.metrics import MetricsWriter
     from distnet.optim.blas import limit_threads
+    from distnet.ps.transport import keep_receive_buffers
 
     previous = {}
     if threading.current_thread() is threading.main_thread():  # a process of its own
         # one BLAS thread: spinning BLAS threads took the cores from ZeroMQ's I/O threads
         # (16 MB push_pull: 55-60% of raw pyzmq throughput with them, 72-83% without)
         limit_threads(1)
+        keep_receive_buffers()  # no page faults for each received gradient (transport.py)
         # a terminated server closes its socket cleanly instead of dying mid-reply
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, lambda *_: server.stop())

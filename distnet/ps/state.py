@@ -117,8 +117,10 @@ class ServerState:
 
     # ---- receiving gradients ----------------------------------------------------------
     def decode(self, msg: Message) -> tuple[dict[str, np.ndarray], bool]:
-        """Checked gradients key -> array, and whether they are views of the message
-        (True) or live in the shared scratch buffers (False). Raises ProtocolError."""
+        """Checked gradients key -> array, and whether they may be held by reference
+        until the round ends: True for views of received frames; False for scratch
+        buffers, and for views of a shared-memory slot (read now, never held: the slot
+        is its worker's again once the round is answered). Raises ProtocolError."""
         keys = [e.key for e in msg.entries]
         if set(keys) != set(self.arrays):
             unknown = sorted(set(keys) - set(self.arrays))
@@ -129,7 +131,7 @@ class ServerState:
         decoder = self._decoders.get(name)
         if decoder is None:
             decoder = self._decoders[name] = codec_class(name)()
-        views = name == "none" and not msg.shared  # a worker rewrites its slot: never hold it
+        views = name == "none"  # frames or slot, read in place: no copy on the way in
         grads: dict[str, np.ndarray] = {}
         for e in msg.entries:
             target = self.arrays[e.key]
@@ -145,7 +147,7 @@ class ServerState:
                 g = self._nonfinite(e.key, g)
                 views = False  # g now lives in a scratch buffer
             grads[e.key] = g
-        return grads, views
+        return grads, views and not msg.shared
 
     def _nonfinite(self, key: str, g: np.ndarray) -> np.ndarray:
         self.nonfinite_gradients += 1
