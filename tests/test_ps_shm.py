@@ -134,6 +134,25 @@ def test_a_torn_copy_is_refused():
                 c.wait(ticket)
 
 
+def test_a_torn_push_pull_frees_the_slot():
+    """A push_pull whose parameters changed under the copy is refused; its reply came, so
+    the slot is free again and the next push goes through it, not as frames."""
+    with serving(PARAMS, **{**KW, "num_workers": 1}) as server, \
+            PSClient([server.address], 0, timeout=5) as c:
+        c.register()
+        ticket = c.push_pull(grads(0, 0), 0, out={k: np.empty_like(a) for k, a in PARAMS.items()})
+        deadline = time.monotonic() + 5
+        while server.stats()["shm_replies"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with server.segment.writing():  # another update after the reply, before the copy
+            pass
+        with pytest.raises(PSError, match="updated its parameters while this worker"):
+            c.wait(ticket)
+        before = c.bytes_sent
+        c.wait(c.push_pull(grads(0, 1), 1))
+        assert c.bytes_sent - before < 4096  # a header: the gradient went through the slot
+
+
 def _request(server, header: dict, entries=()) -> dict:
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.connect(server.address)

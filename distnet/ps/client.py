@@ -481,6 +481,8 @@ class PSClient:
         self.bytes_shared += sum(e.payload[0].nbytes for e in msg.entries)
         seg = self.segments[i]
         if seg is None or seg.seq != msg.header["pseq"]:
+            if self._slot_busy.get(i) is ticket:  # answered: the server is done with the slot
+                del self._slot_busy[i]
             raise PSError(f"server {i} ({self.addresses[i]}) updated its parameters while this "
                           f"worker copied them out of shared memory (version "
                           f"{msg.header['ver']}): in sync mode it no longer waited for this "
