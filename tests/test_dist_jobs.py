@@ -282,6 +282,22 @@ def test_watchdog_ends_a_stuck_wait_and_names_it():
             "the allreduce of step 3") in done.stderr
 
 
+def test_first_failure_skips_a_file_still_being_written(tmp_path):
+    """A rank killed while it wrote its error file must not hide the others' reasons
+    (CI once saw an IndexError here instead of the job's error)."""
+    from distnet.dist.job import first_failure, report_failure
+
+    assert first_failure(tmp_path) is None
+    (tmp_path / "error.rank3.txt").write_text("")  # the earliest, and empty
+    time.sleep(0.01)
+    with pytest.raises(RuntimeError), report_failure(1, "worker 0", str(tmp_path)):
+        raise RuntimeError("the real reason")
+    assert first_failure(tmp_path) == ("distnet: rank 1 (worker 0) failed: RuntimeError: "
+                                       "the real reason")
+    # written atomically: no temporary file is left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["error.rank1.txt", "error.rank3.txt"]
+
+
 # ---- the launcher library (no MPI) ------------------------------------------------------
 def test_parse_hostfile_formats():
     text = """

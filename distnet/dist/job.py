@@ -207,9 +207,9 @@ def report_failure(rank: int, role: str, run_dir: str | None = None) -> Iterator
         line = f"distnet: rank {rank} ({role}) failed: {type(exc).__name__}: {exc}"
         print(line, file=sys.stderr, flush=True)
         if run_dir:
-            with contextlib.suppress(OSError):
-                Path(run_dir, f"error.rank{rank}.txt").write_text(
-                    line + "\n\n" + traceback.format_exc(), encoding="utf-8")
+            with contextlib.suppress(OSError):  # atomic: the launcher may read it any time
+                _write_atomic(Path(run_dir, f"error.rank{rank}.txt"),
+                              line + "\n\n" + traceback.format_exc())
         raise
 
 
@@ -218,9 +218,16 @@ def first_failure(run_dir: str | Path) -> str | None:
     first; the others usually fail because of it), or None."""
     files = sorted(Path(run_dir).glob("error.rank*.txt"), key=lambda f: f.stat().st_mtime_ns)
     for f in files:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, IndexError):  # gone, or empty: look at the next
             return f.read_text(encoding="utf-8").splitlines()[0]
     return None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader sees the whole file or none of it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def write_result(config: dict[str, Any], result: dict[str, Any] | None) -> None:
@@ -229,9 +236,7 @@ def write_result(config: dict[str, Any], result: dict[str, Any] | None) -> None:
     if result is None:
         return
     path = Path(config.get("_result_path") or Path(config["run_dir"]) / "result.json")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    _write_atomic(path, json.dumps(result, indent=1, default=str))
 
 
 def run_ranks(config: dict[str, Any], comm: Any) -> dict[str, Any] | None:
