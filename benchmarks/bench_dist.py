@@ -95,13 +95,15 @@ def job_env() -> dict[str, str]:
     return env
 
 
-def run_train(args: list[str], run_dir: Path, timeout: float = 900) -> Run:
-    """``distnet train ARGS`` in its own process group (killed afterwards in any case)."""
+def run_train(args: list[str], run_dir: Path, timeout: float = 900,
+              env: dict[str, str] | None = None) -> Run:
+    """``distnet train ARGS`` in its own process group (killed afterwards in any case);
+    ``env``: variables to set on top of ``job_env()``."""
     cmd = [PY, "-m", "distnet.cli.main", "train", *args, "--run-dir", str(run_dir),
            "--metrics", str(run_dir / "metrics.jsonl")]
     t0, cpu0 = time.perf_counter(), children_cpu()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, env=job_env(), start_new_session=True)
+                            cwd=ROOT, env={**job_env(), **(env or {})}, start_new_session=True)
     try:
         _, err = proc.communicate(timeout=timeout)
     finally:

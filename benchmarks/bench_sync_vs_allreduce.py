@@ -57,16 +57,20 @@ def epoch_step_times(run: Run) -> list[float]:
 
 
 # ---- part 1: real jobs -------------------------------------------------------------------
-# name -> (mode, extra options, table label); every variant runs in every round
-VARIANTS = {"sync": ("sync", (), "sync (server rank)"),
-            "colocated": ("sync", ("--colocate",), "sync --colocate"),
-            "frames": ("sync", ("--colocate", "--no-shared-memory"), "  same, no shared memory"),
-            "allreduce": ("allreduce", (), "allreduce (MPI)")}
+# name -> (mode, extra options, table label, environment); each chosen variant runs in
+# every round ("allreduce", the reference, always)
+VARIANTS = {"sync": ("sync", (), "sync (server rank)", {}),
+            "colocated": ("sync", ("--colocate",), "sync --colocate", {}),
+            "zmq": ("sync", ("--colocate",), "  same, headers by ZeroMQ",
+                    {"DISTNET_LOCAL_CHANNEL": "0"}),
+            "frames": ("sync", ("--colocate", "--no-shared-memory"), "  same, no shared memory",
+                       {}),
+            "allreduce": ("allreduce", (), "allreduce (MPI)", {})}
 
 
 def bench_jobs(a: argparse.Namespace, tmp: Path) -> None:
     """Table 1: per-step times of real 2-worker sync and allreduce jobs, alternating."""
-    names = list(VARIANTS)
+    names = [n for n in VARIANTS if n in a.variants or n == "allreduce"]
     times: dict[str, list[float]] = {m: [] for m in names}
     comm: dict[str, list[float]] = {m: [] for m in names}
     cpu: dict[str, list[float]] = {m: [] for m in names}
@@ -77,11 +81,13 @@ def bench_jobs(a: argparse.Namespace, tmp: Path) -> None:
     for r in range(a.rounds):
         per_round = {}
         for name in (names if r % 2 == 0 else names[::-1]):
-            mode, extra, _ = VARIANTS[name]
+            mode, extra, _, env = VARIANTS[name]
             # the same job with --epochs 0: start-up and shut-down only (wall, CPU)
-            bare = run_train(job_args(mode, 2, 0, *extra, seed=r), tmp / f"step0-{name}-{r}")
+            bare = run_train(job_args(mode, 2, 0, *extra, seed=r), tmp / f"step0-{name}-{r}",
+                             env=env)
             setup[name].append((bare.wall_s, bare.cpu_s))
-            run = run_train(job_args(mode, 2, a.epochs, *extra, seed=r), tmp / f"step-{name}-{r}")
+            run = run_train(job_args(mode, 2, a.epochs, *extra, seed=r), tmp / f"step-{name}-{r}",
+                            env=env)
             ts = [t for w in run.workers for t in step_times(w)]
             times[name] += ts
             per_round[name] = med(ts)
@@ -90,7 +96,7 @@ def bench_jobs(a: argparse.Namespace, tmp: Path) -> None:
             per_epoch[name] += epoch_step_times(run)
             key = "push_pull_ms" if mode == "sync" else "allreduce_ms"
             comm[name] += [x for w in run.workers for x in step_field(w, key)]
-            if name == "sync":
+            if mode == "sync" and run.server:
                 s = run.server[-1]
                 update_ms.append(1e3 * s["update_seconds"] / max(1, s["version"]))
         for name in round_ratios:
@@ -110,7 +116,8 @@ def bench_jobs(a: argparse.Namespace, tmp: Path) -> None:
         ratio = med(times[name]) / med(times["allreduce"])
         print(f"{VARIANTS[name][2]} / allreduce per-step time (ratio of medians): {ratio:.2f}x "
               f"(target <= 1.5x); per round: {', '.join(f'{x:.2f}' for x in ratios)}")
-    print(f"server optimizer step (update_seconds / version): {med(update_ms):.2f} ms")
+    if update_ms:
+        print(f"server optimizer step (update_seconds / version): {med(update_ms):.2f} ms")
     print("epoch/steps: each worker's epoch time / the epoch's steps (epochs >= 2), a check; "
           "comm ms: sync = push_pull_ms (gradient out, wait for the round, parameters back); "
           "allreduce = allreduce_ms (the last step of each 10-step window); other = step - comm "
@@ -315,6 +322,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3, help="epochs of each real job")
     ap.add_argument("--profile-rounds", type=int, default=3, help="rounds of the pieces")
     ap.add_argument("--iters", type=int, default=200, help="iterations per piece and round")
+    ap.add_argument("--variants", default="sync,colocated,zmq,frames",
+                    help=f"the server jobs to run, of {', '.join(list(VARIANTS)[:-1])} "
+                         "(allreduce always runs)")
     ap.add_argument("--skip-jobs", action="store_true", help="only the pieces")
     ap.add_argument("--skip-pieces", action="store_true", help="only the jobs")
     ap.add_argument("--compute", action="store_true", help=argparse.SUPPRESS)

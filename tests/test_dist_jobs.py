@@ -411,10 +411,12 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.mpi
 def test_shared_memory_off_gives_the_same_parameters(sync_runs, tmp_path):
-    """Workers on the server's host use its /dev/shm segment by default (only headers on
-    ZeroMQ); --no-shared-memory sends every array as frames. Same parameters, bit for bit."""
+    """Workers on the server's host use its /dev/shm segment by default (only headers, on
+    the same-host channel, not ZeroMQ); --no-shared-memory sends every array as frames by
+    ZeroMQ. Same parameters, bit for bit."""
     default = sync_runs[2][0]["server_stats"][0]
     assert default["shm_gradients"] == 2 * default["version"] and default["shared_memory"]
+    assert default["local_requests"] >= 2 * default["version"]  # + the first pulls
     result, params = train(tmp_path, "--mode", "sync", "--workers", "2", "--no-shared-memory",
                            *EQUIV)
     stats = result["server_stats"][0]

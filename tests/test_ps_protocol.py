@@ -131,6 +131,19 @@ def test_validation_names_the_problem(frames, match):
         decode(frames)
 
 
+def test_a_header_checked_before_is_still_checked_strictly():
+    """Entry descriptions that passed once are reused (protocol._SpecCache), but 1.0 and
+    True equal 1 in Python: a dimension of either is still refused after a good one."""
+    good = _raw(_good_header(shapes=[[1, 4]]), b"\0" * 16)
+    for _ in range(2):
+        assert decode(good).entries[0].shape == (1, 4)
+    for dim in (1.0, True):
+        with pytest.raises(ProtocolError, match="shape"):
+            decode(_raw(_good_header(shapes=[[dim, 4]]), b"\0" * 16))
+    with pytest.raises(ProtocolError, match="15 bytes, expected 16"):  # sizes are compared
+        decode(_raw(_good_header(shapes=[[1, 4]]), b"\0" * 15))
+
+
 def test_limits_bound_the_header_before_unpacking():
     big = _raw(_good_header(message="x" * 5000), b"\0" * 16)
     with pytest.raises(ProtocolError, match="header of"):

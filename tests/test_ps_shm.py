@@ -188,16 +188,20 @@ def test_malformed_shared_memory_requests_are_refused():
 
 def test_a_busy_slot_sends_frames():
     """A second push while the first still uses the slot goes as frames, so the slot is
-    never rewritten under a request in flight."""
+    never rewritten under a request in flight. The frames go by ZeroMQ, the first push's
+    header by the same-host channel: the second waits for the first's answer, so the
+    server still sees them in order and refuses the second."""
     with serving(PARAMS, **KW) as server, PSClient([server.address], 0, timeout=5) as c:
         c.register()
         first = c.push(grads(0, 0), 0)
         before = c.bytes_sent
         second = c.push(grads(0, 1), 0)
-        assert c.bytes_sent - before > sum(a.nbytes for a in PARAMS.values())
+        assert len(second.frames[0]) == 1 + len(PARAMS)
+        assert c.bytes_sent == before  # held back until the first is answered
         c.wait(first)
         with pytest.raises(PSError, match="already pushed"):
             c.wait(second)
+        assert c.bytes_sent - before > sum(a.nbytes for a in PARAMS.values())
         before = c.bytes_sent
         c.push(grads(0, 2), 0)  # the slot is free again: only a header
         assert c.bytes_sent - before < 4096

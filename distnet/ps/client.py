@@ -51,6 +51,7 @@ import numpy as np
 import zmq
 
 from distnet import backend
+from distnet.ps import local
 from distnet.ps.auth import ClientKeys, client_keys
 from distnet.ps.codecs import build_codec
 from distnet.ps.layout import (
@@ -81,6 +82,7 @@ from distnet.ps.transport import DEFAULT_OPTIONS, SocketOptions, frames_nbytes
 
 __all__ = ["Layout", "PSClient", "PSError", "PSTimeoutError", "Ticket"]
 _DENSE = build_codec("none")
+_LOCAL_OPS = ("push", "push_pull", "pull")  # what takes a same-host channel when one is open
 
 
 class PSTimeoutError(TimeoutError):
@@ -91,8 +93,9 @@ class PSTimeoutError(TimeoutError):
 class Ticket:
     """An outstanding request: its op, sequence number and the replies so far.
 
-    frames/seqs/sent_gen: per server, what was sent (kept for resends), under which
-    sequence number (a new one after registering again) and on which connection.
+    frames/seqs/sent_gen/via: per server, what was sent (kept for resends), under which
+    sequence number (a new one after registering again), on which connection, and
+    which way ("zmq", or "local": the same-host channel).
     """
 
     op: str
@@ -103,6 +106,7 @@ class Ticket:
     frames: dict[int, list[Any]] = field(default_factory=dict)
     seqs: dict[int, int] = field(default_factory=dict)
     sent_gen: dict[int, int] = field(default_factory=dict)
+    via: dict[int, str] = field(default_factory=dict)
     resends: int = 0
     reregistered: bool = False
     copied: set[int] = field(default_factory=set)  # servers whose reply is in ``out`` already
@@ -150,6 +154,7 @@ class PSClient:
         self.shared_memory = shared_memory and self.codec.name == "none"
         self.segments: list[Segment | None] = [None] * len(self.addresses)
         self._slot_busy: dict[int, Ticket] = {}  # server -> the request using our slot there
+        self._deferred: list[list[Ticket]] = [[] for _ in self.addresses]  # see _transmit
         self._views: set[int] = set()  # ids of segment arrays given out by shared_arrays
         self._heartbeat: Heartbeat | None = None
 
@@ -214,6 +219,7 @@ class PSClient:
             self._heartbeat = None
         self._links.close()
         self._open.clear()
+        self._deferred = [[] for _ in self.addresses]
         for i, seg in enumerate(self.segments):
             if seg is not None:
                 seg.close()
@@ -290,6 +296,7 @@ class PSClient:
             if old is not None:
                 old.close()
                 self._views = set()  # those arrays are the old segment's: copy into them
+            self._links.set_local(i, None)
             self._slot_busy.pop(i, None)  # a new segment: its slot is free
             if self.shared_memory and valid_layout(lay) and lay.get("shm") is not None:
                 try:
@@ -302,6 +309,8 @@ class PSClient:
                     seg.close()  # no slot for this id: the server refuses it anyway
                     seg = None
                 self.segments[i] = seg
+                if seg is not None and lay["shm"].get("local") is True:
+                    self._links.set_local(i, local.connect(seg.name))
 
     def shared_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
         """Every parameter's array in the servers' shared memory, and this worker's
@@ -340,17 +349,64 @@ class PSClient:
         return buffers
 
     def _transmit(self, ticket: Ticket, i: int, *, resend: bool = False) -> None:
+        """Send ``ticket``'s request to server ``i``: a header for a server on this host
+        by the same-host channel (local.py), the rest by ZeroMQ. A server handles a
+        worker's requests in the order they were made, so neither way may overtake a
+        request still unanswered on the other: a ZeroMQ request waits (``_deferred``)
+        until the channel's are answered, and the channel is not used while a ZeroMQ
+        request is out. Resends go at once."""
         frames = ticket.frames[i]
-        try:  # never block: with no usable connection (a failed handshake) a send would hang
-            self._links.socks[i].send_multipart(frames, zmq.NOBLOCK, copy=False)
-        except zmq.Again:  # not queued: the next retry or reconnection sends it
+        if self._send_local(ticket, i, frames):
+            ticket.via[i] = "local"
+        elif not resend and self._unanswered(i, "local", ticket):
+            self._deferred[i].append(ticket)
             ticket.sent_gen[i] = -1
             return
+        else:
+            try:  # never block: with no usable connection (a failed handshake) a send would hang
+                self._links.socks[i].send_multipart(frames, zmq.NOBLOCK, copy=False)
+            except zmq.Again:  # not queued: the next retry or reconnection sends it
+                ticket.sent_gen[i] = -1
+                return
+            ticket.via[i] = "zmq"
         ticket.sent_gen[i] = self._links.generation[i]
         self.bytes_sent += frames_nbytes(frames)
         if resend:
             ticket.resends += 1
             self.resends += 1
+
+    def _send_local(self, ticket: Ticket, i: int, frames: list[Any]) -> bool:
+        channel = self._links.local[i]
+        if channel is None or ticket.op not in _LOCAL_OPS or len(frames) != 1 \
+                or self._unanswered(i, "zmq", ticket):
+            return False
+        if channel.send(frames):
+            return True
+        if channel.closed:  # broken: ZeroMQ from now on
+            self._channel_lost(i)
+        return False
+
+    def _unanswered(self, i: int, via: str, other: Ticket | None) -> bool:
+        """Whether a request other than ``other`` went to server ``i`` by ``via`` and is
+        not answered yet."""
+        return any(t is not other and t.via.get(i) == via and i in t.servers
+                   and i not in t.replies for t in self._open.values())
+
+    def _channel_lost(self, i: int) -> None:
+        """Server ``i``'s same-host channel closed: what it carried unanswered goes again
+        by ZeroMQ (a server that had it answers ``duplicate``), then what waited for it."""
+        self._links.set_local(i, None)
+        for ticket in {id(t): t for t in self._open.values()}.values():
+            if ticket.via.get(i) == "local" and i in ticket.servers and i not in ticket.replies:
+                self._transmit(ticket, i, resend=True)
+        self._flush_deferred(i)
+
+    def _flush_deferred(self, i: int) -> None:
+        if self._deferred[i] and not self._unanswered(i, "local", None):
+            waiting, self._deferred[i] = self._deferred[i], []
+            for ticket in waiting:
+                if i not in ticket.replies:
+                    self._transmit(ticket, i)
 
     def _need_layout(self) -> Layout:
         if self.layout is None:
@@ -381,9 +437,11 @@ class PSClient:
                     interval = min(2 * interval, self.retry_max_interval)
                     next_retry = now + interval
                 wait_ms = max(1, int(1000 * (min(deadline, next_retry) - now)))
-                for is_data, i in self._links.poll(wait_ms):
-                    if is_data:
+                for kind, i in self._links.poll(wait_ms):
+                    if kind == "data":
                         self._drain(i)
+                    elif kind == "local":
+                        self._drain_local(i)
                     elif self._links.events(i):
                         self._resend_lost(i)
             if not self._register_again(ticket, deadline):
@@ -448,24 +506,36 @@ class PSClient:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            try:
-                msg = decode(frames, reply=True, limits=self.limits,
-                             shared=self._param_buffers(i))
-            except ProtocolError as exc:
-                raise PSError(f"server {i} ({self.addresses[i]}) sent a bad reply: {exc}") from None
-            self.bytes_received += msg.nbytes
-            seq = msg.header["seq"]
-            ticket = self._open.get(seq)
-            if ticket is None or i in ticket.replies or ticket.seqs.get(i) != seq:
-                self.unmatched_replies += 1  # a late reply to a resent or abandoned request
-                continue
-            ticket.replies[i] = msg
-            if msg.shared:
-                self._copy_shared(ticket, i, msg)
-            elif ticket.out is not None and len(ticket.servers) > 1 \
-                    and ticket.op in ("pull", "push_pull") \
-                    and scatter_reply(self._need_layout().plan, i, msg, ticket.out):
-                ticket.copied.add(i)  # copied while the other shards' replies still arrive
+            self._take_reply(i, frames)
+
+    def _drain_local(self, i: int) -> None:
+        channel = self._links.local[i]
+        messages = channel.receive() if channel is not None else None
+        for raw in messages or ():
+            self._take_reply(i, [raw])
+        if messages is None or channel.closed:  # the server closed it (gone, restarting)
+            self._channel_lost(i)
+
+    def _take_reply(self, i: int, frames: list[Any]) -> None:
+        """Decode one reply from server ``i`` and file it with its ticket."""
+        try:
+            msg = decode(frames, reply=True, limits=self.limits, shared=self._param_buffers(i))
+        except ProtocolError as exc:
+            raise PSError(f"server {i} ({self.addresses[i]}) sent a bad reply: {exc}") from None
+        self.bytes_received += msg.nbytes
+        seq = msg.header["seq"]
+        ticket = self._open.get(seq)
+        if ticket is None or i in ticket.replies or ticket.seqs.get(i) != seq:
+            self.unmatched_replies += 1  # a late reply to a resent or abandoned request
+            return
+        ticket.replies[i] = msg
+        self._flush_deferred(i)
+        if msg.shared:
+            self._copy_shared(ticket, i, msg)
+        elif ticket.out is not None and len(ticket.servers) > 1 \
+                and ticket.op in ("pull", "push_pull") \
+                and scatter_reply(self._need_layout().plan, i, msg, ticket.out):
+            ticket.copied.add(i)  # copied while the other shards' replies still arrive
 
     def _copy_shared(self, ticket: Ticket, i: int, msg: Message) -> None:
         """Copy parameters out of server ``i``'s segment at once (into ``out``, or into

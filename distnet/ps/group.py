@@ -55,9 +55,12 @@ def serve_shards(servers: Sequence[Any], *, handle_signals: bool = True) -> None
     active = list(servers)
     previous = _catch_sigterm(active) if handle_signals else None
     poller = zmq.Poller()
+    channels: dict[int, Any] = {}  # descriptor -> (shard, its same-host channel: local.py)
     for s in active:
         poller.register(s._sock, zmq.POLLIN)
         poller.register(s._monitor, zmq.POLLIN)
+        if s.local is not None:
+            poller.register(s.local.fd, zmq.POLLIN)
     try:
         while active:
             now = time.monotonic()
@@ -67,6 +70,11 @@ def serve_shards(servers: Sequence[Any], *, handle_signals: bool = True) -> None
                     active.remove(s)
                     poller.unregister(s._sock)
                     poller.unregister(s._monitor)
+                    for peer in s.local_peers if s.local is not None else ():
+                        poller.unregister(peer.fd)
+                        del channels[peer.fd]
+                    if s.local is not None:
+                        poller.unregister(s.local.fd)
                     s._finish()
                     continue
                 deadline = s.consistency.next_deadline()
@@ -80,6 +88,19 @@ def serve_shards(servers: Sequence[Any], *, handle_signals: bool = True) -> None
                     s._receive()
                 if s._monitor in ready:
                     s._note_handshakes()
+            for s, peer in [channels[fd] for fd in channels if fd in ready]:
+                s._receive_local(peer)
+            # closed by the worker or by a failed send; before accepting, which may reuse fds
+            for s, peer in [c for c in channels.values() if c[1].closed]:
+                poller.unregister(peer.fd)
+                del channels[peer.fd]
+                s._forget(peer)
+            for s in active:
+                if s.local is not None and s.local.fd in ready:
+                    for peer in s.local.accept():
+                        s.local_peers.append(peer)
+                        channels[peer.fd] = (s, peer)
+                        poller.register(peer.fd, zmq.POLLIN)
             now = time.monotonic()
             for s in active:
                 s._expire(now)

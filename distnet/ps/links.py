@@ -55,16 +55,29 @@ class ServerLinks:
         self.connected_once = [False] * n
         self.failure = [""] * n  # why the last handshake failed, "" once one succeeds
         self.disconnects = 0
+        self.local: list[Any] = [None] * n  # same-host channels (local.LocalPeer)
         self.poller = zmq.Poller()
-        self._where: dict[zmq.Socket, tuple[bool, int]] = {}
+        self._where: dict[Any, tuple[str, int]] = {}
         for i, (sock, mon) in enumerate(zip(self.socks, self.monitors, strict=True)):
             self.poller.register(sock, zmq.POLLIN)
             self.poller.register(mon, zmq.POLLIN)
-            self._where[sock], self._where[mon] = (True, i), (False, i)
+            self._where[sock], self._where[mon] = ("data", i), ("events", i)
 
-    def poll(self, timeout_ms: int) -> list[tuple[bool, int]]:
-        """``(is_data, server)`` for each socket with something to read."""
+    def poll(self, timeout_ms: int) -> list[tuple[str, int]]:
+        """``(kind, server)`` for each socket with something to read: kind "data" (the
+        DEALER), "events" (its monitor) or "local" (the same-host channel)."""
         return [self._where[s] for s, _ in self.poller.poll(timeout_ms)]
+
+    def set_local(self, i: int, peer: Any) -> None:
+        """Use ``peer`` (or nothing, None) as server ``i``'s same-host channel."""
+        old, self.local[i] = self.local[i], peer
+        if old is not None:
+            self.poller.unregister(old.fd)
+            del self._where[old.fd]
+            old.close()
+        if peer is not None:
+            self.poller.register(peer.fd, zmq.POLLIN)
+            self._where[peer.fd] = ("local", i)
 
     def events(self, i: int) -> bool:
         """Take server ``i``'s connection events; True when a connection was
@@ -95,6 +108,9 @@ class ServerLinks:
         return "connected"
 
     def close(self) -> None:
+        for i, peer in enumerate(self.local):
+            if peer is not None:
+                self.set_local(i, None)
         for sock, mon in zip(self.socks, self.monitors, strict=False):
             sock.disable_monitor()
             mon.close(linger=0)

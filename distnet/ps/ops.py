@@ -44,6 +44,9 @@ class ServerOps:
     lr_staleness_scaling: bool
     checkpoints: Any
     segment: Any
+    local: Any
+    local_peers: list[Any]
+    _zmq_ids: dict[int, bytes]
     worker_timeout: float | None
     on_worker_loss: str
     abort_reason: str | None
@@ -63,8 +66,10 @@ class ServerOps:
             self.counters["rejoins"] += 1
         layout = {**self.state.layout(), "mode": self.mode, "num_workers": c.num_workers,
                   "staleness": c.bound or 0, "server_id": self.server_id}
+        if isinstance(identity, bytes):  # replies that cannot take the local channel go here
+            self._zmq_ids[h["wid"]] = identity
         if self.segment is not None:  # a worker on this host finds it and uses it
-            layout["shm"] = self.segment.info()
+            layout["shm"] = {**self.segment.info(), "local": self.local is not None}
         self._reply(identity, h, layout=layout)
 
     def _op_ping(self, identity: bytes, msg: Message) -> None:
@@ -255,6 +260,7 @@ class ServerOps:
             **{k: self.counters[k] for k in (
                 "pushes_applied", "gradients_received", "duplicates", "rejected", "timeouts",
                 "replies_dropped", "bytes_in", "bytes_out", "shm_gradients", "shm_replies",
+                "local_requests",
                 "internal_errors", "workers_lost",
                 "rejoins", "recovered", "slow_readers", "handshakes_failed",
                 "checkpoints_written", "checkpoint_errors")},
@@ -266,6 +272,8 @@ class ServerOps:
             "nonfinite_policy": st.nonfinite if st.check_finite else "unchecked",
             "shared_memory": self.segment.name if self.segment is not None else "",
             "shm_params": st.segment is not None,
+            "local_channels": len(self.local_peers),
+            "local_refused": self.local.refused if self.local is not None else 0,
             "secure": zap is not None, "auth_accepted": zap.accepted if zap else 0,
             "auth_refused": zap.refused if zap else 0,
             "last_checkpoint": self.checkpoints.last,

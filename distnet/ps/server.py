@@ -42,6 +42,7 @@ import numpy as np
 import zmq
 
 from distnet.ps import checkpoint as ckpt
+from distnet.ps import local
 from distnet.ps.auth import ServerKeys, ZapHandler, check_bind_address, server_keys
 from distnet.ps.consistency import Consistency
 from distnet.ps.group import serve_shards
@@ -157,6 +158,10 @@ class ParameterServer(ServerOps):
         if self.segment is not None:
             self.state.relocate(self.segment.params())
             self.state.segment = self.segment
+        # the segment's workers send their headers over a channel of their own (local.py)
+        self.local = local.listen(self.segment.name) if self.segment is not None else None
+        self.local_peers: list[local.LocalPeer] = []
+        self._zmq_ids: dict[int, bytes] = {}  # wid -> the ZeroMQ address it registered from
         self._params_entries = dense_entries(self.state.arrays)  # live arrays: built once
         self._inflight: list[zmq.MessageTracker] = []
         self._stop = threading.Event()
@@ -198,6 +203,10 @@ class ParameterServer(ServerOps):
     def _close_sockets(self, linger: int | None = None) -> None:
         if getattr(self, "segment", None) is not None:
             self.segment.close()
+        if getattr(self, "local", None) is not None:
+            for peer in self.local_peers:
+                peer.close()
+            self.local.close()
         if getattr(self, "_sock", None) is not None:
             if getattr(self, "_monitor", None) is not None:
                 self._sock.disable_monitor()
@@ -263,9 +272,28 @@ class ParameterServer(ServerOps):
                 self.counters["internal_errors"] += 1
                 log.exception("server %d: unexpected error handling a message", self.server_id)
 
+    def _receive_local(self, peer: local.LocalPeer) -> None:
+        """Handle what a same-host channel has brought (it closes itself at the end)."""
+        for raw in peer.receive() or ():
+            self.counters["local_requests"] += 1
+            try:
+                self._handle_message(peer, [raw], len(raw))
+            except Exception:  # a bug must cost one request, never the server
+                self.counters["internal_errors"] += 1
+                log.exception("server %d: unexpected error handling a message", self.server_id)
+
+    def _forget(self, peer: local.LocalPeer) -> None:
+        """A closed channel: its parked requests are answered by ZeroMQ instead."""
+        if peer in self.local_peers:
+            self.local_peers.remove(peer)
+
     def _handle(self, frames: list[zmq.Frame]) -> None:
-        identity, body = frames[0].bytes, frames[1:]
-        self.counters["bytes_in"] += frames_nbytes(frames)
+        self._handle_message(frames[0].bytes, frames[1:], frames_nbytes(frames))
+
+    def _handle_message(self, identity: bytes | local.LocalPeer, body: list[Any],
+                        nbytes: int) -> None:
+        """One request from ``identity``: a ZeroMQ routing id, or a same-host channel."""
+        self.counters["bytes_in"] += nbytes
         try:
             msg = decode(body, limits=self.limits, shared=self._slot_buffers)
         except ProtocolError as exc:
@@ -354,9 +382,19 @@ class ParameterServer(ServerOps):
                  h.get("wid"), text)
         self._send(identity, self._header(h, "error", text, code=code))
 
-    def _send(self, identity: bytes, header: dict[str, Any], entries: list = (),
-              track: bool = False, shared: bool = False) -> None:
-        frames = [identity, *encode(header, entries, shared=shared)]
+    def _send(self, identity: bytes | local.LocalPeer, header: dict[str, Any],
+              entries: list = (), track: bool = False, shared: bool = False) -> None:
+        body = encode(header, entries, shared=shared)
+        if isinstance(identity, local.LocalPeer):
+            if identity.send(body):
+                self.counters["bytes_out"] += len(body[0])
+                return
+            # array frames, or a broken channel: by ZeroMQ, to where the worker registered from
+            identity = self._zmq_ids.get(header["wid"], b"")
+            if not identity:
+                self.counters["replies_dropped"] += 1
+                return
+        frames = [identity, *body]
         try:  # never block the loop on one peer: a full queue drops the reply (it resends)
             tracker = send_frames(self._sock, frames, track=track, noblock=True)
         except zmq.ZMQError as exc:  # the peer left (EHOSTUNREACH) or its pipe is full
