@@ -76,7 +76,7 @@ def bench_jobs(a: argparse.Namespace, tmp: Path) -> None:
     cpu: dict[str, list[float]] = {m: [] for m in names}
     setup: dict[str, list[tuple[float, float]]] = {m: [] for m in names}
     per_epoch: dict[str, list[float]] = {m: [] for m in names}
-    update_ms: list[float] = []
+    update_ms: dict[str, list[float]] = {m: [] for m in names}
     round_ratios: dict[str, list[float]] = {m: [] for m in names[:-1]}
     for r in range(a.rounds):
         per_round = {}
@@ -98,7 +98,7 @@ def bench_jobs(a: argparse.Namespace, tmp: Path) -> None:
             comm[name] += [x for w in run.workers for x in step_field(w, key)]
             if mode == "sync" and run.server:
                 s = run.server[-1]
-                update_ms.append(1e3 * s["update_seconds"] / max(1, s["version"]))
+                update_ms[name].append(1e3 * s["update_seconds"] / max(1, s["version"]))
         for name in round_ratios:
             round_ratios[name].append(per_round[name] / per_round["allreduce"])
     print(f"\nlenet300, global batch {BATCH}, 2 workers, {data_spec()}; {a.rounds} rounds x "
@@ -116,8 +116,8 @@ def bench_jobs(a: argparse.Namespace, tmp: Path) -> None:
         ratio = med(times[name]) / med(times["allreduce"])
         print(f"{VARIANTS[name][2]} / allreduce per-step time (ratio of medians): {ratio:.2f}x "
               f"(target <= 1.5x); per round: {', '.join(f'{x:.2f}' for x in ratios)}")
-    if update_ms:
-        print(f"server optimizer step (update_seconds / version): {med(update_ms):.2f} ms")
+    steps = ", ".join(f"{VARIANTS[n][2].strip()} {med(v):.2f}" for n, v in update_ms.items() if v)
+    print(f"server optimizer step, ms (update_seconds / version; wall time): {steps}")
     print("epoch/steps: each worker's epoch time / the epoch's steps (epochs >= 2), a check; "
           "comm ms: sync = push_pull_ms (gradient out, wait for the round, parameters back); "
           "allreduce = allreduce_ms (the last step of each 10-step window); other = step - comm "

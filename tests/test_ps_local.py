@@ -126,10 +126,10 @@ def test_bad_messages_on_the_channel():
 
         reply = decode([ask(b"\xc1 not msgpack")], reply=True).header
         assert reply["status"] == "error" and "not valid msgpack" in reply["message"]
-        header = {"op": "push", "wid": 0, "seq": 1, "ver": 0, "seg": server.segment.name}
-        reply = decode([ask(encode(header, dense_entries(server.segment.slot(0))[::-1],
-                                   shared=True)[0])], reply=True).header
-        assert "this server's keys in its order" in reply["message"]
+        header = {"op": "push", "wid": 0, "seq": 1, "ver": 0, "seg": server.segment.name,
+                  "shapes": [[1]]}
+        reply = decode([ask(encode(header, shared=True)[0])], reply=True).header
+        assert "lists no ['shapes']" in reply["message"]
         # longer than any header: the server closes the channel and serves on
         peer.sock.send(b"x" * (local.MAX_MESSAGE + 1))
         assert ask(b"") is None

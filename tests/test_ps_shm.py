@@ -172,7 +172,8 @@ def test_malformed_shared_memory_requests_are_refused():
         name = seg.name
         cases = [({"op": "pull", "seg": name}, [], "carries no arrays in shared memory"),
                  ({"op": "push", "seg": name, "wid": 7}, entries, "has no shared-memory slot"),
-                 ({"op": "push", "seg": name}, entries[::-1], "this server's keys in its order"),
+                 ({"op": "push", "seg": name, "keys": list(seg.keys)[::-1]}, entries,
+                  r"lists no \['keys'\]: the segment's layout"),
                  ({"op": "push", "seg": "distnet-1-000000000000"}, entries,
                   "not this server's .* register again")]
         for header, ents, text in cases:

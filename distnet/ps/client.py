@@ -285,7 +285,7 @@ class PSClient:
         ticket.shared[i] = slot
         self._slot_busy[i] = ticket
         self.bytes_shared += sum(a.nbytes for a in slot.values())
-        return encode_message(header, dense_entries(slot), shared=True)
+        return encode_message(header, shared=True)
 
     def _attach(self, replies: dict[int, Message]) -> None:
         """Open the shared-memory segment each server's register reply offers, when it is
@@ -335,17 +335,15 @@ class PSClient:
         return params, grads
 
     def _param_buffers(self, i: int) -> Any:
-        """For ``decode``: the parameter arrays of server ``i``'s segment."""
-        def buffers(h: dict[str, Any]) -> list[np.ndarray]:
+        """For ``decode``: the layout and parameter arrays of server ``i``'s segment."""
+        def buffers(h: dict[str, Any]) -> tuple[dict[str, list], list[np.ndarray]]:
             seg = self.segments[i]
             if seg is None:
                 raise ProtocolError("parameters in shared memory, but no segment is attached")
             if h.get("seg") != seg.name:
                 raise ProtocolError(f"a shared-memory reply names segment {h.get('seg')!r:.40}, "
                                     f"this worker has {seg.name}")
-            if h.get("keys") != seg.keys:
-                raise ProtocolError("keys of a shared-memory reply differ from the segment's")
-            return list(seg.params().values())
+            return seg.layout, list(seg.params().values())
         return buffers
 
     def _transmit(self, ticket: Ticket, i: int, *, resend: bool = False) -> None:

@@ -8,9 +8,10 @@ never copied into or out of msgpack: senders pass NumPy buffers to ZeroMQ with
 ``copy=False`` and receivers wrap frames with ``np.frombuffer``.
 
 A message can instead leave its arrays in a shared-memory segment (``shm.py``: a
-worker and a server on one host): its header says ``"shm": true``, still lists
-keys, dtypes, shapes and codec, and no array frames follow; ``decode`` is then
-given the segment's buffers and checks them exactly as it checks frames.
+worker and a server on one host): its header says ``"shm": true`` and lists no
+keys, dtypes, shapes or meta (they are the segment's), and no array frames follow;
+``decode`` is then given the segment's layout and buffers and checks them exactly
+as it checks a header and its frames.
 
 Receiving is defensive: ``decode`` unpacks the header with size limits, checks
 the whole schema (op, version, field types, keys, dtypes from an allow-list,
@@ -134,8 +135,12 @@ def encode(header: dict[str, Any], entries: list[Entry] = (), codec: str = "none
     ``dtypes``, ``shapes``, ``codec`` and ``meta`` are filled in from ``entries``.
     A single-array payload is sent as the array itself (no copy); a multi-array
     payload (topk) is joined into one frame. shared: the arrays are in the shared
-    segment already; only the header goes (``"shm": true``).
+    segment already; only the header goes (``"shm": true``, no entry lists: the
+    segment's layout stands for them, and ``entries`` are not read).
     """
+    if shared:
+        return [msgpack.packb({**header, "v": PROTOCOL_VERSION, "codec": codec, "shm": True},
+                              use_bin_type=True)]
     h = dict(header)
     h["v"] = PROTOCOL_VERSION
     h["keys"] = [e.key for e in entries]
@@ -143,9 +148,6 @@ def encode(header: dict[str, Any], entries: list[Entry] = (), codec: str = "none
     h["shapes"] = [[int(d) for d in e.shape] for e in entries]
     h["codec"] = codec
     h["meta"] = [e.meta for e in entries]
-    if shared:
-        h["shm"] = True
-        return [msgpack.packb(h, use_bin_type=True)]
     frames: list[Any] = [msgpack.packb(h, use_bin_type=True)]
     for e in entries:
         if len(e.payload) == 1:
@@ -333,13 +335,15 @@ def unpack_header(raw: bytes | memoryview, limits: Limits = DEFAULT_LIMITS) -> A
 
 
 def decode(frames: list[Any], *, reply: bool = False, limits: Limits = DEFAULT_LIMITS,
-           shared: Callable[[dict[str, Any]], list[Any]] | None = None) -> Message:
+           shared: Callable[[dict[str, Any]], tuple[dict[str, list], list[Any]]] | None = None
+           ) -> Message:
     """Validate and decode ``[header, array...]`` (zmq.Frame or bytes-like items).
 
     Arrays are zero-copy views of the frames (``np.frombuffer``), made only after
     the header and all frame sizes have been checked. shared: for a header with
-    ``"shm": true``, gives the segment buffers that stand for the array frames (it
-    raises ProtocolError when the header does not fit the segment).
+    ``"shm": true``, gives the segment's layout (``keys``, ``dtypes``, ``shapes``,
+    ``meta`` lists, which the header then holds) and the buffers that stand for the
+    array frames; it raises ProtocolError when the header does not fit the segment.
     """
     if not frames:
         raise ProtocolError("empty message")
@@ -351,7 +355,13 @@ def decode(frames: list[Any], *, reply: bool = False, limits: Limits = DEFAULT_L
             raise ProtocolError("a message with its arrays in shared memory has no array frames")
         if shared is None:
             raise ProtocolError("arrays in shared memory, but this side has no segment for them")
-        views = [views[0], *(_frame_view(b) for b in shared(header))]
+        listed = [k for k in _ENTRY_FIELDS if k in header]
+        if listed:
+            raise ProtocolError(f"a message with its arrays in shared memory lists no {listed}: "
+                                "the segment's layout is its layout")
+        layout, buffers = shared(header)
+        header.update(layout)
+        views = [views[0], *(_frame_view(b) for b in buffers)]
     specs = validate_header(header, [v.nbytes for v in views[1:]], reply=reply, limits=limits)
     entries = []
     for key, view, (dtype, shape, layout), meta in zip(
@@ -363,6 +373,9 @@ def decode(frames: list[Any], *, reply: bool = False, limits: Limits = DEFAULT_L
         entries.append(Entry(key, dtype, shape, payload, meta))
     return Message(header, entries, views[0].nbytes if in_shm else sum(v.nbytes for v in views),
                    in_shm)
+
+
+_ENTRY_FIELDS = ("keys", "dtypes", "shapes", "meta")
 
 
 def peek_fields(frames: list[Any]) -> dict[str, Any]:

@@ -320,8 +320,8 @@ class ParameterServer(ServerOps):
             log.exception("server %d: %s from worker %s failed", self.server_id, op, wid)
             self._reject(identity, h, f"internal error: {type(exc).__name__}: {exc}", "internal")
 
-    def _slot_buffers(self, h: dict[str, Any]) -> list[np.ndarray]:
-        """The arrays of a gradient that a worker left in its shared-memory slot."""
+    def _slot_buffers(self, h: dict[str, Any]) -> tuple[dict[str, list], list[np.ndarray]]:
+        """The layout and arrays of a gradient that a worker left in its slot."""
         seg, op, wid = self.segment, h.get("op"), h.get("wid")
         if seg is None:
             raise ProtocolError("this server has no shared-memory segment: send the arrays "
@@ -334,11 +334,8 @@ class ParameterServer(ServerOps):
         if h.get("seg") != seg.name:  # written for a server that ran here before a restart
             raise StaleSegment(f"worker {wid}'s gradient is in segment {h.get('seg')!r:.40}, "
                                f"not this server's ({seg.name}): register again")
-        if h.get("keys") != seg.keys:
-            raise ProtocolError("a gradient in shared memory must list this server's keys in "
-                                "its order")
         self.counters["shm_gradients"] += 1
-        return list(seg.slot(wid).values())
+        return seg.layout, list(seg.slot(wid).values())
 
     def _check_worker(self, wid: int) -> None:
         n = self.consistency.num_workers
@@ -371,7 +368,7 @@ class ParameterServer(ServerOps):
             self.counters["shm_replies"] += 1
             seg = self.state.segment
             self._send(identity, self._header(h, pseq=seg.seq, seg=seg.name, **extra),
-                       self._params_entries, shared=True)
+                       shared=True)
         else:
             self._send(identity, self._header(h, **extra), self._params_entries, track=True)
 

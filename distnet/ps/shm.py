@@ -80,6 +80,9 @@ class Segment:
         self._mm: mmap.mmap | None = mm
         self.offsets, self.region = region_layout(self.shapes, self.dtypes)
         self._seq = np.ndarray((1,), np.uint64, buffer=mm, offset=_SEQ_OFFSET)
+        # what a message whose arrays are in this segment stands for (protocol.decode)
+        self.layout = {"keys": self.keys, "dtypes": [d.name for d in self.dtypes],
+                       "shapes": [list(s) for s in self.shapes], "meta": [{} for _ in keys]}
         self._regions = [self._arrays(_PAGE + r * self.region) for r in range(1 + num_slots)]
 
     # ---- creating and attaching ------------------------------------------------------------
