@@ -124,7 +124,8 @@ def bench_jobs(a: argparse.Namespace, tmp: Path) -> None:
           "(forward, backward, local optimizer in allreduce); CPU ms/step = (CPU of all the "
           "job's processes - CPU of the same job with --epochs 0) / steps; setup s = wall "
           "time of the --epochs 0 job. --colocate: the server is a thread of worker rank 0, "
-          "which reaches it over inproc:// (2 processes, as allreduce)")
+          "which reaches it over inproc:// and the same-host channel (2 processes, as "
+          "allreduce)")
     print(f"command: {command_line(job_args('sync', 2, a.epochs))}  (and --colocate; "
           f"--mode allreduce)")
 

@@ -266,21 +266,13 @@ class ParameterServer(ServerOps):
                 frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            try:
-                self._handle(frames)
-            except Exception:  # a bug must cost one request, never the server
-                self.counters["internal_errors"] += 1
-                log.exception("server %d: unexpected error handling a message", self.server_id)
+            self._handle(frames)
 
     def _receive_local(self, peer: local.LocalPeer) -> None:
         """Handle what a same-host channel has brought (it closes itself at the end)."""
         for raw in peer.receive() or ():
             self.counters["local_requests"] += 1
-            try:
-                self._handle_message(peer, [raw], len(raw))
-            except Exception:  # a bug must cost one request, never the server
-                self.counters["internal_errors"] += 1
-                log.exception("server %d: unexpected error handling a message", self.server_id)
+            self._handle_safely(peer, [raw], len(raw))
 
     def _forget(self, peer: local.LocalPeer) -> None:
         """A closed channel: its parked requests are answered by ZeroMQ instead."""
@@ -288,7 +280,15 @@ class ParameterServer(ServerOps):
             self.local_peers.remove(peer)
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
-        self._handle_message(frames[0].bytes, frames[1:], frames_nbytes(frames))
+        self._handle_safely(frames[0].bytes, frames[1:], frames_nbytes(frames))
+
+    def _handle_safely(self, identity: bytes | local.LocalPeer, body: list[Any],
+                       nbytes: int) -> None:
+        try:
+            self._handle_message(identity, body, nbytes)
+        except Exception:  # a bug must cost one request, never the server
+            self.counters["internal_errors"] += 1
+            log.exception("server %d: unexpected error handling a message", self.server_id)
 
     def _handle_message(self, identity: bytes | local.LocalPeer, body: list[Any],
                         nbytes: int) -> None:
