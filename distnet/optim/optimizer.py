@@ -112,6 +112,31 @@ class Optimizer:
             if p.mask is not None:
                 p.data *= p.mask
 
+    def step_sum(self, parts: list[Mapping[str, Any]], scale: float = 1.0) -> None:
+        """One update from the gradient ``scale * sum(parts)``, each part mapping every
+        parameter name to an array of its shape (only read): a server's step from the
+        mean of its workers' gradients without summing them first where the optimizer
+        can fold the sum into its own passes (SGD). Here: summed into a work buffer."""
+        if not parts:
+            raise ValueError("step_sum needs at least one gradient")
+        for name, p in self.params:
+            arrays = _part_arrays(parts, name, p)
+            if len(arrays) == 1 and scale == 1.0:
+                p.grad = arrays[0]
+                continue
+            xp = backend.get_array_module(p.data)
+            total = self.work(name, "sum", p.data)
+            if len(arrays) == 1:
+                xp.multiply(arrays[0], scale, out=total)
+            else:
+                xp.add(arrays[0], arrays[1], out=total)
+                for a in arrays[2:]:
+                    total += a
+                if scale != 1.0:
+                    total *= scale
+            p.grad = total
+        self.step()
+
     def _effective_grads(self) -> list[Any]:
         """``coef * (g * mask) + wd * p`` per parameter, built in the ``"g"`` work buffer
         only where needed (plain ``p.grad`` otherwise, which is then only read)."""
@@ -215,6 +240,19 @@ class Optimizer:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.get_config().items())
         return f"{type(self).__name__}({len(self.params)} parameters, {args})"
+
+
+def _part_arrays(parts: list[Mapping[str, Any]], name: str, p: Parameter) -> list[Any]:
+    """Parameter ``name``'s array in each part of ``step_sum``, shapes checked."""
+    arrays = []
+    for i, part in enumerate(parts):
+        a = part.get(name)
+        if a is None or tuple(a.shape) != tuple(p.data.shape):
+            got = None if a is None else tuple(a.shape)
+            raise ValueError(f"parameter {name!r}: gradient part {i} has shape {got}, the "
+                             f"parameter {p.shape}")
+        arrays.append(a)
+    return arrays
 
 
 def _check(ok: bool, message: str) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from distnet.nn.module import Parameter
 from distnet.optim.blas import axpy, scal
-from distnet.optim.optimizer import Optimizer, _check
+from distnet.optim.optimizer import Optimizer, _check, _part_arrays
 
 
 class SGD(Optimizer):
@@ -17,7 +18,11 @@ class SGD(Optimizer):
     and clipping (see ``Optimizer``). Slot: ``momentum_buffer`` (when momentum > 0).
 
     Each step is three in-place BLAS passes over the parameter (one without momentum,
-    four with Nesterov): no array is allocated after the first step.
+    four with Nesterov): no array is allocated after the first step. ``step_sum`` (a
+    server's step from several workers' gradients) folds the sum, the mean and the
+    weight decay into the momentum pass: ``v = mu * v + scale * (g1 + g2 + ...) + wd * p``
+    is one pass per gradient plus two, where summing, scaling and adding the decay
+    first would be four more.
     """
 
     name = "sgd"
@@ -37,6 +42,30 @@ class SGD(Optimizer):
 
     def hyper(self) -> dict[str, Any]:
         return {"momentum": self.momentum, "nesterov": self.nesterov}
+
+    def step_sum(self, parts: list[Mapping[str, Any]], scale: float = 1.0) -> None:
+        if (not parts or self.nesterov or self.clip_norm is not None
+                or any(p.mask is not None for _, p in self.params)):
+            super().step_sum(parts, scale)  # these need the summed gradient itself
+            return
+        arrays = [_part_arrays(parts, name, p) for name, p in self.params]  # all checked first
+        self.step_count += 1
+        wd = self.weight_decay
+        for (name, p), grads in zip(self.params, arrays, strict=True):
+            data, s = p.data, self.work(name, "s", p.data)
+            if not self.momentum:  # p = (1 - lr * wd) * p - lr * scale * sum(g)
+                if wd:
+                    scal(1.0 - self.lr * wd, data)
+                for g in grads:
+                    axpy(-self.lr * scale, g, data, s)
+                continue
+            v = self._ensure_state(name, p)["momentum_buffer"]
+            scal(self.momentum, v)
+            for g in grads:
+                axpy(scale, g, v, s)
+            if wd:
+                axpy(wd, data, v, s)
+            axpy(-self.lr, v, data, s)
 
     def _update(self, name: str, p: Parameter, g: Any, xp: Any) -> None:
         # in-place BLAS passes (blas.py): p and v are read and written once per pass, with

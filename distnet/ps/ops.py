@@ -109,7 +109,7 @@ class ServerOps:
             if wid in c.round:  # its previous session's gradient is in this round already
                 self.counters["duplicates"] += 1
             else:
-                st.accumulate(grads, views)
+                st.accumulate(grads, views, wid, slot=msg.shared)
             c.round[wid] = seq
             if want_params:
                 self._park(identity, h, "step", st.version + 1)

@@ -381,6 +381,7 @@ class ParameterServer(ServerOps):
 
     def _send(self, identity: bytes | local.LocalPeer, header: dict[str, Any],
               entries: list = (), track: bool = False, shared: bool = False) -> None:
+        self.state.answering(header["wid"])  # a slot the round holds is its worker's again
         body = encode(header, entries, shared=shared)
         if isinstance(identity, local.LocalPeer):
             if identity.send(body):

@@ -15,10 +15,12 @@ servers.
 Why this is safe in sync mode: the server writes the parameters only when a round
 completes, i.e. after every live worker has pushed, and a worker pushes only after it
 has copied the parameters of the previous round; a worker writes its slot only while
-none of its requests that use the slot is outstanding, and the server copies a slot's
-gradient before it answers. A seqlock (an even counter, odd while the optimizer
-writes) catches the one exception, a worker that the server stopped waiting for:
-its copy is refused with an error instead of used torn.
+none of its requests that use the slot is outstanding, and the server is done with a
+slot's gradient before it answers (it reads the slot in the round's optimizer step, or
+copies it out first when it must answer early: ``ServerState.answering``). A seqlock
+(an even counter, odd while the optimizer writes) catches the one exception, a worker
+that the server stopped waiting for: its copy is refused with an error instead of used
+torn.
 
 Layout: a 4096-byte header page (magic, nonce, seqlock counter), then the parameter
 region, then ``num_slots`` gradient regions of the same layout; each tensor starts

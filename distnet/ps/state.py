@@ -97,11 +97,14 @@ class ServerState:
         self.update_seconds = 0.0  # time spent in optimizer steps (for stats)
         self._decoders: dict[str, Codec] = {}
         self._scratch: dict[str, np.ndarray] = {}
-        # sync accumulation: the first gradient of a round is held by reference and only
-        # summed when a second arrives, so one worker costs no copy at all
+        # sync accumulation: a round's gradients are held by reference where that is safe
+        # (``accumulate``) and summed inside the optimizer's step (``step_sum``); the rest
+        # are summed into _acc as they arrive
         self._acc: dict[str, np.ndarray] = {}
-        self._first: dict[str, np.ndarray] | None = None
-        self.accumulated = 0
+        self._summed = 0  # gradients in _acc
+        self._held: dict[int, dict[str, np.ndarray]] = {}  # worker id -> its gradient
+        self._slot_owners: set[int] = set()  # workers whose slot a held gradient is
+        self._copies: dict[int, dict[str, np.ndarray]] = {}  # slots answered early (answering)
 
     def layout(self) -> dict[str, Any]:
         return {"keys": list(self.arrays),
@@ -117,10 +120,9 @@ class ServerState:
 
     # ---- receiving gradients ----------------------------------------------------------
     def decode(self, msg: Message) -> tuple[dict[str, np.ndarray], bool]:
-        """Checked gradients key -> array, and whether they may be held by reference
-        until the round ends: True for views of received frames; False for scratch
-        buffers, and for views of a shared-memory slot (read now, never held: the slot
-        is its worker's again once the round is answered). Raises ProtocolError."""
+        """Checked gradients key -> array, and whether they are views that may be held
+        by reference (``accumulate``): True for received frames and for a worker's
+        shared-memory slot; False for scratch buffers. Raises ProtocolError."""
         keys = [e.key for e in msg.entries]
         if set(keys) != set(self.arrays):
             unknown = sorted(set(keys) - set(self.arrays))
@@ -147,7 +149,7 @@ class ServerState:
                 g = self._nonfinite(e.key, g)
                 views = False  # g now lives in a scratch buffer
             grads[e.key] = g
-        return grads, views and not msg.shared
+        return grads, views
 
     def _nonfinite(self, key: str, g: np.ndarray) -> np.ndarray:
         self.nonfinite_gradients += 1
@@ -170,34 +172,67 @@ class ServerState:
     # ---- updating ---------------------------------------------------------------------
     def apply(self, grads: dict[str, np.ndarray], lr_scale: float = 1.0) -> None:
         """One optimizer step from ``grads`` (aliased as ``p.grad``, not copied)."""
+        def step(opt: Any) -> None:
+            for key, g in grads.items():
+                self.params[key].grad = g
+            opt.step()
+
+        self._update(step, lr_scale)
+
+    def _update(self, step: Callable[[Any], None], lr_scale: float = 1.0) -> None:
         t0 = time.perf_counter()
         if self.optimizer is not None:
             self.optimizer.lr = self.current_lr() * lr_scale
-            for key, g in grads.items():
-                self.params[key].grad = g
             if self.segment is not None:
                 with self.segment.writing():
-                    self.optimizer.step()
+                    step(self.optimizer)
             else:
-                self.optimizer.step()
+                step(self.optimizer)
         self.version += 1
         self.update_seconds += time.perf_counter() - t0
 
-    def accumulate(self, grads: dict[str, np.ndarray], views: bool) -> None:
-        """Add one worker's gradient to the round's sum (sync mode)."""
-        if self.accumulated == 0 and views:
-            self._first = grads  # frames nobody else uses: keep them, copy nothing yet
-        elif self.accumulated == 0:
-            for key, g in grads.items():
-                np.copyto(self._acc_for(key), g)
-        elif self._first is not None:
-            for key, g in grads.items():
-                np.add(self._first[key], g, out=self._acc_for(key))
-            self._first = None
+    @property
+    def accumulated(self) -> int:
+        """Gradients in the current sync round."""
+        return self._summed + len(self._held)
+
+    def accumulate(self, grads: dict[str, np.ndarray], views: bool, wid: int,
+                   slot: bool = False) -> None:
+        """Add worker ``wid``'s gradient to the round (sync mode).
+
+        Views are held, not copied: received frames belong to nobody else, and a
+        worker writes its shared-memory slot (``slot``) only once it has been answered,
+        which is at the end of the round unless ``answering`` says otherwise first.
+        Everything else is summed now (its buffers are reused).
+        """
+        if views:
+            self._held[wid] = grads
+            if slot:
+                self._slot_owners.add(wid)
         else:
-            for key, g in grads.items():
+            self._add(grads)
+
+    def _add(self, grads: dict[str, np.ndarray]) -> None:
+        for key, g in grads.items():
+            if self._summed:
                 self._acc[key] += g
-        self.accumulated += 1
+            else:
+                np.copyto(self._acc_for(key), g)
+        self._summed += 1
+
+    def answering(self, wid: int) -> None:
+        """Worker ``wid`` is being answered and may write its slot again: if the round
+        holds that slot, keep a copy instead (the normal round end applies first and
+        finds nothing held; this is for early answers: errors, timeouts, replays). The
+        copy stays a gradient of its own, so the step's arithmetic is the same."""
+        if wid in self._slot_owners:
+            self._slot_owners.discard(wid)
+            copies = self._copies.setdefault(wid, {})
+            for key, g in self._held[wid].items():
+                if key not in copies:
+                    copies[key] = np.empty_like(g)
+                np.copyto(copies[key], g)
+            self._held[wid] = dict(copies)
 
     def _acc_for(self, key: str) -> np.ndarray:
         buf = self._acc.get(key)
@@ -206,16 +241,25 @@ class ServerState:
         return buf
 
     def round_sum(self) -> dict[str, np.ndarray] | None:
-        """The sum of this round's gradients so far (None when empty), for checkpoints."""
+        """The sum of this round's gradients so far (None when empty), for checkpoints;
+        a new dict of new arrays (the round goes on as it was)."""
         if self.accumulated == 0:
             return None
-        return self._first if self._first is not None else self._acc
+        parts = self._round_parts()
+        return {k: sum((p[k] for p in parts[1:]), parts[0][k].copy()) for k in self.arrays}
+
+    def _round_parts(self) -> list[dict[str, np.ndarray]]:
+        """What the round's mean is made of: the running sum, then what is held in worker
+        order (so the result does not depend on who arrived first)."""
+        return ([self._acc] if self._summed else []) + [self._held[w] for w in sorted(self._held)]
 
     def restore_round(self, total: dict[str, np.ndarray], n: int) -> None:
         """Resume a round that had ``n`` gradients summing to ``total``."""
         for key, g in total.items():
             np.copyto(self._acc_for(key), g)
-        self._first, self.accumulated = None, int(n)
+        self._held.clear()
+        self._slot_owners.clear()
+        self._summed = int(n)
 
     def detach(self) -> None:
         """Give every parameter a fresh copy of its array, leaving the old arrays to
@@ -232,15 +276,14 @@ class ServerState:
             self.params[key].data = arr
 
     def apply_accumulated(self) -> int:
-        """Apply the mean of the round's gradients (summed in place, divided once);
-        returns how many gradients it averaged."""
+        """One step from the mean of the round's gradients (the optimizer sums what is
+        held as it goes: ``Optimizer.step_sum``); returns how many it averaged."""
         n = self.accumulated
         if n == 0:
             raise RuntimeError("no gradient accumulated")
-        grads = self._first if self._first is not None else self._acc
-        if n > 1:
-            for g in grads.values():
-                g *= 1.0 / n
-        self.apply(grads)
-        self._first, self.accumulated = None, 0
+        parts = self._round_parts()
+        self._update(lambda opt: opt.step_sum(parts, 1.0 / n))
+        self._held.clear()
+        self._slot_owners.clear()
+        self._summed = 0
         return n
