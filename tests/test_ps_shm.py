@@ -153,11 +153,11 @@ def test_a_torn_push_pull_frees_the_slot():
         assert c.bytes_sent - before < 4096  # a header: the gradient went through the slot
 
 
-def _request(server, header: dict, entries=()) -> dict:
+def _request(server, header: dict, entries=(), codec: str = "none") -> dict:
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.connect(server.address)
     try:
-        sock.send_multipart(encode({"wid": 0, "seq": 1, "ver": 0, **header}, entries,
+        sock.send_multipart(encode({"wid": 0, "seq": 1, "ver": 0, **header}, entries, codec,
                                    shared=True))
         assert sock.poll(5000), "no reply"
         return decode(sock.recv_multipart(), reply=True).header
@@ -181,6 +181,8 @@ def test_malformed_shared_memory_requests_are_refused():
             assert reply["status"] == "error", header
             assert re.search(text, reply["message"]), reply["message"]
         assert _request(server, cases[-1][0], entries)["code"] == "unregistered"
+        reply = _request(server, {"op": "push", "seg": name}, entries, codec="int8")
+        assert "codec must be 'none', got 'int8'" in reply["message"]
         assert server.stats()["pushes_applied"] == 0 and server.state.version == 0
     with serving(PARAMS, shared_memory=False, **KW) as server:
         reply = _request(server, {"op": "push"}, entries)

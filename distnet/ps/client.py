@@ -335,15 +335,15 @@ class PSClient:
         return params, grads
 
     def _param_buffers(self, i: int) -> Any:
-        """For ``decode``: the layout and parameter arrays of server ``i``'s segment."""
-        def buffers(h: dict[str, Any]) -> tuple[dict[str, list], list[np.ndarray]]:
+        """For ``decode``: the layout and parameter entries of server ``i``'s segment."""
+        def buffers(h: dict[str, Any]) -> tuple[dict[str, list], list[Entry]]:
             seg = self.segments[i]
             if seg is None:
                 raise ProtocolError("parameters in shared memory, but no segment is attached")
             if h.get("seg") != seg.name:
                 raise ProtocolError(f"a shared-memory reply names segment {h.get('seg')!r:.40}, "
                                     f"this worker has {seg.name}")
-            return seg.layout, list(seg.params().values())
+            return seg.layout, seg.entries()
         return buffers
 
     def _transmit(self, ticket: Ticket, i: int, *, resend: bool = False) -> None:

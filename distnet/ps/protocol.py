@@ -191,6 +191,27 @@ def validate_header(h: Any, frame_sizes: list[int], *, reply: bool = False,
 
     Returns per key ``(dtype, shape, payload layout)``. Raises ProtocolError.
     """
+    _check_fields(h, reply)
+    keys = _need_list(h, "keys")
+    n = len(keys)
+    if n > limits.max_keys:
+        raise ProtocolError(f"{n} keys, limit {limits.max_keys}")
+    dtypes, shapes, meta = (_need_list(h, f, n) for f in ("dtypes", "shapes", "meta"))
+    codec_name = h.get("codec")
+    if not isinstance(codec_name, str):
+        raise ProtocolError("field 'codec' must be a string")
+    if len(frame_sizes) != n:
+        raise ProtocolError(f"{len(frame_sizes)} array frames for {n} keys")
+    described = (keys, dtypes, shapes, meta, codec_name, frame_sizes, limits)
+    specs = _SPECS.get(described)
+    if specs is None or not all(type(d) is int for s in shapes for d in s):
+        specs = _entry_specs(*described)
+        _SPECS.put(described, specs)
+    return specs
+
+
+def _check_fields(h: Any, reply: bool) -> None:
+    """The header's own fields: op, protocol version, ids, and a reply's status."""
     if not isinstance(h, dict):
         raise ProtocolError(f"header must be a map, got {type(h).__name__}")
     op = h.get("op")
@@ -212,22 +233,6 @@ def validate_header(h: Any, frame_sizes: list[int], *, reply: bool = False,
         _need_int(h, "since", optional=True)
     if reply and h.get("shm") is True:
         _need_int(h, "pseq")
-    keys = _need_list(h, "keys")
-    n = len(keys)
-    if n > limits.max_keys:
-        raise ProtocolError(f"{n} keys, limit {limits.max_keys}")
-    dtypes, shapes, meta = (_need_list(h, f, n) for f in ("dtypes", "shapes", "meta"))
-    codec_name = h.get("codec")
-    if not isinstance(codec_name, str):
-        raise ProtocolError("field 'codec' must be a string")
-    if len(frame_sizes) != n:
-        raise ProtocolError(f"{len(frame_sizes)} array frames for {n} keys")
-    described = (keys, dtypes, shapes, meta, codec_name, frame_sizes, limits)
-    specs = _SPECS.get(described)
-    if specs is None or not all(type(d) is int for s in shapes for d in s):
-        specs = _entry_specs(*described)
-        _SPECS.put(described, specs)
-    return specs
 
 
 class _SpecCache:
@@ -342,8 +347,10 @@ def decode(frames: list[Any], *, reply: bool = False, limits: Limits = DEFAULT_L
     Arrays are zero-copy views of the frames (``np.frombuffer``), made only after
     the header and all frame sizes have been checked. shared: for a header with
     ``"shm": true``, gives the segment's layout (``keys``, ``dtypes``, ``shapes``,
-    ``meta`` lists, which the header then holds) and the buffers that stand for the
-    array frames; it raises ProtocolError when the header does not fit the segment.
+    ``meta`` lists, which the header then holds) and the entries that stand for the
+    array frames (``Segment.entries``: the segment's own views, made once; its layout
+    was checked when it was made); it raises ProtocolError when the header does not
+    fit the segment.
     """
     if not frames:
         raise ProtocolError("empty message")
@@ -359,9 +366,13 @@ def decode(frames: list[Any], *, reply: bool = False, limits: Limits = DEFAULT_L
         if listed:
             raise ProtocolError(f"a message with its arrays in shared memory lists no {listed}: "
                                 "the segment's layout is its layout")
-        layout, buffers = shared(header)
+        layout, entries = shared(header)
         header.update(layout)
-        views = [views[0], *(_frame_view(b) for b in buffers)]
+        _check_fields(header, reply)
+        if header.get("codec") != "none":
+            raise ProtocolError(f"arrays in shared memory are not compressed: codec must be "
+                                f"'none', got {header.get('codec')!r:.20}")
+        return Message(header, entries, views[0].nbytes, True)
     specs = validate_header(header, [v.nbytes for v in views[1:]], reply=reply, limits=limits)
     entries = []
     for key, view, (dtype, shape, layout), meta in zip(
@@ -371,8 +382,7 @@ def decode(frames: list[Any], *, reply: bool = False, limits: Limits = DEFAULT_L
             payload.append(np.frombuffer(view, dtype=dt, count=count, offset=offset))
             offset += count * dt.itemsize
         entries.append(Entry(key, dtype, shape, payload, meta))
-    return Message(header, entries, views[0].nbytes if in_shm else sum(v.nbytes for v in views),
-                   in_shm)
+    return Message(header, entries, sum(v.nbytes for v in views))
 
 
 _ENTRY_FIELDS = ("keys", "dtypes", "shapes", "meta")

@@ -49,6 +49,7 @@ from distnet.ps.group import serve_shards
 from distnet.ps.ops import RequestError, ServerOps
 from distnet.ps.protocol import (
     DEFAULT_LIMITS,
+    Entry,
     Limits,
     ProtocolError,
     decode,
@@ -320,8 +321,8 @@ class ParameterServer(ServerOps):
             log.exception("server %d: %s from worker %s failed", self.server_id, op, wid)
             self._reject(identity, h, f"internal error: {type(exc).__name__}: {exc}", "internal")
 
-    def _slot_buffers(self, h: dict[str, Any]) -> tuple[dict[str, list], list[np.ndarray]]:
-        """The layout and arrays of a gradient that a worker left in its slot."""
+    def _slot_buffers(self, h: dict[str, Any]) -> tuple[dict[str, list], list[Entry]]:
+        """The layout and entries of a gradient that a worker left in its slot."""
         seg, op, wid = self.segment, h.get("op"), h.get("wid")
         if seg is None:
             raise ProtocolError("this server has no shared-memory segment: send the arrays "
@@ -335,7 +336,7 @@ class ParameterServer(ServerOps):
             raise StaleSegment(f"worker {wid}'s gradient is in segment {h.get('seg')!r:.40}, "
                                f"not this server's ({seg.name}): register again")
         self.counters["shm_gradients"] += 1
-        return seg.layout, list(seg.slot(wid).values())
+        return seg.layout, seg.entries(wid)
 
     def _check_worker(self, wid: int) -> None:
         n = self.consistency.num_workers

@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from distnet.ps.protocol import Entry
+
 log = logging.getLogger("distnet.ps.shm")
 
 DIRECTORY = "/dev/shm"
@@ -86,6 +88,10 @@ class Segment:
         self.layout = {"keys": self.keys, "dtypes": [d.name for d in self.dtypes],
                        "shapes": [list(s) for s in self.shapes], "meta": [{} for _ in keys]}
         self._regions = [self._arrays(_PAGE + r * self.region) for r in range(1 + num_slots)]
+        # the decoded form of each region, made once: a message in shared memory stands
+        # for exactly these (views of the segment; nobody writes an Entry)
+        self._entries = [[Entry(k, a.dtype, a.shape, [a.reshape(-1)]) for k, a in r.items()]
+                         for r in self._regions]
 
     # ---- creating and attaching ------------------------------------------------------------
     @classmethod
@@ -178,9 +184,16 @@ class Segment:
 
     def slot(self, wid: int) -> dict[str, np.ndarray]:
         """key -> worker ``wid``'s gradient arrays (views of the segment)."""
+        return self._regions[1 + self._slot_index(wid)]
+
+    def entries(self, wid: int | None = None) -> list[Entry]:
+        """The parameters (``wid`` None) or worker ``wid``'s gradient as decoded entries."""
+        return self._entries[0 if wid is None else 1 + self._slot_index(wid)]
+
+    def _slot_index(self, wid: int) -> int:
         if not 0 <= wid < self.num_slots:
             raise IndexError(f"worker {wid} has no slot: the segment has {self.num_slots}")
-        return self._regions[1 + wid]
+        return wid
 
     # ---- the seqlock ----------------------------------------------------------------------
     @property
