@@ -109,3 +109,65 @@ def test_a_wrong_part_is_refused_before_any_change(name):
     for k, p in ps.items():
         np.testing.assert_array_equal(p.data, before[k])
     assert opt.step_count == 0
+
+
+def two_steps(prepare, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Two rounds of three gradients through SGD with momentum and weight decay;
+    ``prepare(opt, parts, step)`` may call prepare_sum (or anything) before each round."""
+    ps = params(dtype)
+    opt = build_optimizer("momentum", list(ps.items()), lr=0.05, momentum=0.9,
+                          weight_decay=1e-3)
+    for step in range(2):
+        parts = parts_for(step, 3, dtype)
+        prepare(opt, parts, step)
+        opt.step_sum(parts, 1 / 3)
+    return {k: p.data for k, p in ps.items()} | {f"{k}/v": opt.state[k]["momentum_buffer"]
+                                                 for k in ps}
+
+
+PREPARES = {
+    "nothing": lambda opt, parts, step: None,
+    "no gradient yet": lambda opt, parts, step: opt.prepare_sum([], 1 / 3),
+    "the first": lambda opt, parts, step: opt.prepare_sum(parts[:1], 1 / 3),
+    "one by one": lambda opt, parts, step: [opt.prepare_sum(parts[:k], 1 / 3)
+                                            for k in range(3)],
+    "all of them": lambda opt, parts, step: opt.prepare_sum(parts, 1 / 3),
+    "out of order": lambda opt, parts, step: opt.prepare_sum(parts[1:2], 1 / 3),
+    "copies": lambda opt, parts, step: opt.prepare_sum([dict(p) for p in parts[:1]], 1 / 3),
+    "another scale": lambda opt, parts, step: opt.prepare_sum(parts[:1], 1 / 2),
+    "a step between": lambda opt, parts, step: step == 1 or (opt.prepare_sum(parts[:1], 1 / 3),
+                                                             opt.step_sum(parts[:1], 1.0)),
+    "state reloaded": lambda opt, parts, step: (opt.prepare_sum(parts[:1], 1 / 3),
+                                                opt.load_state_dict(opt.state_dict())),
+}
+
+
+@pytest.mark.parametrize("how", list(PREPARES))
+def test_prepare_sum_never_changes_the_step(how):
+    want = two_steps(PREPARES["nothing"])
+    if how == "a step between":  # one more step in round 0: compare with that done plainly
+        want = two_steps(lambda opt, parts, step: step == 1 or opt.step_sum(parts[:1], 1.0))
+    got = two_steps(PREPARES[how])
+    for k in want:  # bit for bit, float32
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_prepare_sum_leaves_parameters_and_state_alone():
+    ps = params(np.float32)
+    opt = build_optimizer("momentum", list(ps.items()), lr=0.05, momentum=0.9,
+                          weight_decay=1e-3)
+    opt.step_sum(parts_for(0, 2, np.float32), 0.5)
+    before = {k: p.data.copy() for k, p in ps.items()}
+    state = opt.state_dict()
+    opt.prepare_sum(parts_for(1, 2, np.float32)[:1], 0.5)
+    for k, p in ps.items():
+        np.testing.assert_array_equal(p.data, before[k])
+    for k, a in opt.state_dict().items():
+        np.testing.assert_array_equal(a, state[k])
+
+
+def test_a_round_shorter_than_what_was_prepared_starts_over():
+    want = two_steps(PREPARES["nothing"])
+    got = two_steps(lambda opt, parts, step: opt.prepare_sum(parts + parts[:1], 1 / 3))
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)

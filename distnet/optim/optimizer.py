@@ -137,6 +137,12 @@ class Optimizer:
             p.grad = total
         self.step()
 
+    def prepare_sum(self, parts: list[Mapping[str, Any]], scale: float = 1.0) -> None:
+        """Say that ``step_sum(parts + more parts, scale)`` comes next, so that an
+        optimizer may start on it while the rest arrive (SGD with momentum does) without
+        changing the parameters or its state; the result of the step is the same bit for
+        bit either way. Here: nothing."""
+
     def _effective_grads(self) -> list[Any]:
         """``coef * (g * mask) + wd * p`` per parameter, built in the ``"g"`` work buffer
         only where needed (plain ``p.grad`` otherwise, which is then only read)."""

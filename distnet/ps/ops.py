@@ -142,7 +142,11 @@ class ServerOps:
     def _complete_round(self) -> None:
         """Sync: apply the round's mean once every live worker has pushed."""
         c, st = self.consistency, self.state
-        if self.mode != "sync" or not c.round_complete():
+        if self.mode != "sync":
+            return
+        if not c.round_complete():
+            if st.accumulated:  # start on the step while the others compute
+                st.prepare_round(c.live - set(c.round))
             return
         if st.accumulated:
             self._wait_inflight()

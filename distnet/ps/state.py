@@ -275,6 +275,19 @@ class ServerState:
             self.arrays[key] = arr
             self.params[key].data = arr
 
+    def prepare_round(self, pending: set[int]) -> None:
+        """Let the optimizer start on the round's step while the workers in ``pending``
+        have still to push (``Optimizer.prepare_sum``): with the gradients it will
+        take first, those held from workers below every pending one, and the mean's
+        scale if nobody is lost. The step's result is the same either way."""
+        if self.optimizer is None or not pending:
+            return
+        t0 = time.perf_counter()
+        first = min(pending)
+        prefix = [] if self._summed else [self._held[w] for w in sorted(self._held) if w < first]
+        self.optimizer.prepare_sum(prefix, 1.0 / (self.accumulated + len(pending)))
+        self.update_seconds += time.perf_counter() - t0
+
     def apply_accumulated(self) -> int:
         """One step from the mean of the round's gradients (the optimizer sums what is
         held as it goes: ``Optimizer.step_sum``); returns how many it averaged."""
