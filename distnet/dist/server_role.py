@@ -103,7 +103,7 @@ def serve(server: Any, config: dict[str, Any], rank: int | str,
     worker) and returns them, one dict per shard."""
     from distnet.dist.worker import rank_metrics_path
     from distnet.metrics import MetricsWriter
-    from distnet.optim.blas import limit_threads
+    from distnet.optim.blas import limit_threads, load
     from distnet.ps.transport import keep_receive_buffers
 
     previous = {}
@@ -115,6 +115,7 @@ def serve(server: Any, config: dict[str, Any], rank: int | str,
         # a terminated server closes its socket cleanly instead of dying mid-reply
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, lambda *_: server.stop())
+    load()  # in a worker's process too (--colocate): not in the first round
     try:
         server.run()
     finally:
