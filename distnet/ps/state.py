@@ -94,7 +94,7 @@ class ServerState:
         self.nonfinite_entries = 0  # entries set to zero by nonfinite="clip"
         self.version = 0
         self.segment: Any = None  # a shm.Segment holding the arrays: writes go under its seqlock
-        self.update_seconds = 0.0  # time spent in optimizer steps (for stats)
+        self.update_seconds = 0.0  # time spent in optimizer steps (for stats; not preparing)
         self._decoders: dict[str, Codec] = {}
         self._scratch: dict[str, np.ndarray] = {}
         # sync accumulation: a round's gradients are held by reference where that is safe
@@ -282,11 +282,9 @@ class ServerState:
         scale if nobody is lost. The step's result is the same either way."""
         if self.optimizer is None or not pending:
             return
-        t0 = time.perf_counter()
         first = min(pending)
         prefix = [] if self._summed else [self._held[w] for w in sorted(self._held) if w < first]
         self.optimizer.prepare_sum(prefix, 1.0 / (self.accumulated + len(pending)))
-        self.update_seconds += time.perf_counter() - t0
 
     def apply_accumulated(self) -> int:
         """One step from the mean of the round's gradients (the optimizer sums what is
