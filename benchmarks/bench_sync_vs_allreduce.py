@@ -203,8 +203,10 @@ def rank_main(kind: str, iters: int, out_dir: str) -> None:
         server = ParameterServer(params, optimizer="momentum", optimizer_config=OPT,
                                  mode="sync", num_workers=comm.size - 1)
         rec = {"handle": [], "update": []}
-        server._handle = timed(rec["handle"], server._handle)
-        server.state.apply = timed(rec["update"], server.state.apply)
+        # ZeroMQ and same-host messages both end in _handle_message; a round's step is
+        # apply_accumulated
+        server._handle_message = timed(rec["handle"], server._handle_message)
+        server.state.apply_accumulated = timed(rec["update"], server.state.apply_accumulated)
         comm.bcast(server.address, root=0)
         server.run()
         n = len(rec["handle"]) - len(rec["update"]) * (comm.size - 1)  # register, pull...
