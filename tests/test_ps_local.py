@@ -141,3 +141,17 @@ def test_bad_messages_on_the_channel():
                 c.wait(c.push_pull(grads(wid, 0), 0))
         run_workers(2, worker)
         assert server.state.version == 1
+
+
+def test_receive_takes_every_queued_message_then_sees_the_close():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    b.setblocking(False)
+    peer = local.LocalPeer(b)
+    assert peer.receive() == []  # nothing yet: no error, not closed
+    for m in (b"one", b"two", b"x" * 1000):
+        a.send(m)
+    assert peer.receive() == [b"one", b"two", b"x" * 1000]
+    a.send(b"last")
+    a.close()
+    assert peer.receive() == [b"last"]  # what came before the close is kept
+    assert peer.receive() is None and peer.closed

@@ -540,14 +540,16 @@ class PSClient:
         arrays of their own) and check that no update ran meanwhile."""
         plan = self._need_layout().plan
         out = ticket.out
+        seg = self.segments[i]
         if out is not None and all(p.name in out for p in plan.server_pieces(i)):
             # arrays that are the segment's own (shared_arrays) need no copy
-            scatter_reply(plan, i, msg, {n: a for n, a in out.items() if id(a) not in self._views})
+            todo = {n: a for n, a in out.items() if id(a) not in self._views}
+            if todo:
+                scatter_reply(plan, i, msg, todo)
             ticket.copied.add(i)
         else:
             msg.entries = [replace(e, payload=[p.copy() for p in e.payload]) for e in msg.entries]
-        self.bytes_shared += sum(e.payload[0].nbytes for e in msg.entries)
-        seg = self.segments[i]
+        self.bytes_shared += seg.nbytes if seg is not None else 0
         if seg is None or seg.seq != msg.header["pseq"]:
             if self._slot_busy.get(i) is ticket:  # answered: the server is done with the slot
                 del self._slot_busy[i]

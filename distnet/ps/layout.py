@@ -102,11 +102,15 @@ def gather_replies(plan: ShardPlan, replies: list[Message], out: dict[str, np.nd
             p.name for p in plan.pieces if p.server not in fresh}
         plan = ShardPlan(plan.num_servers, {n: s for n, s in plan.shapes.items() if n in names},
                          tuple(p for p in plan.pieces if p.name in names))
+    if copied and out is not None:
+        rest = tuple(p for p in plan.pieces if p.server not in copied or p.name not in out)
+        if not rest:  # everything is in out already (shared memory: often out itself)
+            return {n: out[n] for n in plan.names}
+        plan = ShardPlan(plan.num_servers, plan.shapes, rest)
     per_server = [m.arrays() if i in fresh else {} for i, m in enumerate(replies)]
+    result = gather(per_server, plan, out)
     if not copied or out is None:
-        return gather(per_server, plan, out)
-    rest = tuple(p for p in plan.pieces if p.server not in copied or p.name not in out)
-    result = gather(per_server, ShardPlan(plan.num_servers, plan.shapes, rest), out)
+        return result
     return {n: result[n] if n in result else out[n] for n in plan.names}
 
 

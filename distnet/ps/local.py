@@ -22,12 +22,15 @@ is still decoded and validated like one from the network (``protocol.decode``).
 
 from __future__ import annotations
 
+import array
 import contextlib
+import fcntl
 import logging
 import os
 import socket
 import struct
 import sys
+import termios
 from typing import Any
 
 log = logging.getLogger("distnet.ps.local")
@@ -52,6 +55,7 @@ class LocalPeer:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.fd = sock.fileno()  # what pollers know it by (pyzmq's reports descriptors)
+        self._count = array.array("i", [0])
         self.closed = False
 
     def send(self, frames: list[Any]) -> bool:
@@ -89,7 +93,17 @@ class LocalPeer:
                 self.close()
                 break
             out.append(data)
+            if not self._queued():
+                break  # asking again would only raise BlockingIOError (~2-10 us)
         return None if self.closed and not out else out
+
+    def _queued(self) -> int:
+        """Bytes waiting to be received (0: none, or the peer closed: recv says which)."""
+        try:
+            fcntl.ioctl(self.fd, termios.FIONREAD, self._count)
+        except OSError:
+            return 1  # let recvmsg find out
+        return self._count[0]
 
     def close(self) -> None:
         if not self.closed:

@@ -92,6 +92,7 @@ class Segment:
         # for exactly these (views of the segment; nobody writes an Entry)
         self._entries = [[Entry(k, a.dtype, a.shape, [a.reshape(-1)]) for k, a in r.items()]
                          for r in self._regions]
+        self.nbytes = sum(a.nbytes for a in self._regions[0].values())  # of the parameters
 
     # ---- creating and attaching ------------------------------------------------------------
     @classmethod
