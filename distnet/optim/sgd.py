@@ -21,9 +21,10 @@ class SGD(Optimizer):
     Each step is three in-place BLAS passes over the parameter (one without momentum,
     four with Nesterov): no array is allocated after the first step. ``step_sum`` (a
     server's step from several workers' gradients) folds the sum, the mean and the
-    weight decay into the momentum pass: ``v = mu * v + scale * (g1 + g2 + ...) + wd * p``
-    is one pass per gradient plus two, where summing, scaling and adding the decay
-    first would be four more.
+    weight decay into the momentum update: the next buffer
+    ``mu * v + wd * p + scale * (g1 + g2 + ...)`` is built aside, one pass per gradient,
+    then ``p -= lr * next`` and the buffers swap roles. ``prepare_sum`` builds what it
+    can of it before the last gradient arrives.
     """
 
     name = "sgd"
