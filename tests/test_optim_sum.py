@@ -171,3 +171,20 @@ def test_a_round_shorter_than_what_was_prepared_starts_over():
     got = two_steps(lambda opt, parts, step: opt.prepare_sum(parts + parts[:1], 1 / 3))
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_what_prepare_sum_took_is_not_read_again():
+    """The point of preparing: step_sum only adds the parts that came later. Shown by
+    changing a prepared part afterwards (the server never does; it copies a slot
+    before its worker may write it): the step still has the value it prepared."""
+    want = two_steps(PREPARES["nothing"])
+
+    def prepare_then_scribble(opt, parts, step):
+        opt.prepare_sum(parts[:2], 1 / 3)
+        for p in parts[:2]:
+            for a in p.values():
+                a[...] = np.nan
+
+    got = two_steps(prepare_then_scribble)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)

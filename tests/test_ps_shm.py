@@ -321,3 +321,28 @@ def test_a_held_slot_answered_early_is_copied_first_and_the_step_is_unchanged():
         got = round_of(held_early=early, checkpointed=ckpt)
         for k in PARAMS:  # bit for bit: the copy stays a gradient of its own
             np.testing.assert_array_equal(got[k], plain[k])
+
+
+def test_the_server_prepares_the_step_when_the_first_gradient_of_a_round_arrives():
+    """Worker 0 pushes first: the server takes its gradient into the next momentum
+    buffer at once (prepare_round), so the round's step reads only worker 1's. Shown by
+    what the step uses when worker 0's gradient is changed after it was taken (a real
+    worker cannot: its slot stays the server's until the round is answered)."""
+    with serving(PARAMS, **KW) as server:
+        st = server.state
+        with PSClient([server.address], 0, timeout=10) as c0, \
+                PSClient([server.address], 1, timeout=10) as c1:
+            c0.register()
+            c1.register()
+            g0, g1 = grads(0, 0), grads(1, 0)
+            first = c0.push_pull(g0, 0)
+            wait_for_round = time.monotonic() + 5
+            while st.optimizer._prepared is None:  # set once prepare_round has run
+                assert time.monotonic() < wait_for_round, "the server never prepared the step"
+                time.sleep(0.005)
+            assert st.accumulated == 1 and len(st.optimizer._prepared[2]) == 1
+            for a in st._held[0].values():  # taken already: this must not reach the step
+                a[...] = np.nan
+            c1.wait(c1.push_pull(g1, 0))
+            c0.wait(first)
+        assert all(np.isfinite(a).all() for a in st.arrays.values())

@@ -372,7 +372,7 @@ def decode(frames: list[Any], *, reply: bool = False, limits: Limits = DEFAULT_L
         if header.get("codec") != "none":
             raise ProtocolError(f"arrays in shared memory are not compressed: codec must be "
                                 f"'none', got {header.get('codec')!r:.20}")
-        return Message(header, entries, views[0].nbytes, True)
+        return Message(header, list(entries), views[0].nbytes, True)  # the list is the segment's
     specs = validate_header(header, [v.nbytes for v in views[1:]], reply=reply, limits=limits)
     entries = []
     for key, view, (dtype, shape, layout), meta in zip(
